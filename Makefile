@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh Debian 12 machine, as root:
+#   make bench   installs what is missing, then runs the main benchmark job
+#   make test    installs what is missing, then lints and runs the test suite
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc e2fsprogs util-linux coreutils attr \
+	kmod busybox-static
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup test bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+		| grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup lint
+	$(VENV)/bin/pytest
+
+bench: setup
+	$(VENV)/bin/minifs bench --driver overlay2 --layers 50
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,214 @@
+"""overlay2: kernel overlayfs with Docker's on-disk shape.
+
+Each snapshot `<id>/` holds `diff/` (its own files; the upper dir of a clone),
+`work/`, `merged/`, `link` (a 26-character short name) and `lower` (the short
+names of its parents, nearest first, as `l/NAME:l/NAME`). `l/NAME` is a
+symlink to `../<id>/diff`: short lower paths are what keep 500 layers within
+reach of the mount options (see minifs.mounter for how they are passed).
+
+When the state dir's filesystem cannot hold an overlay upper dir (overlayfs
+itself, NFS, most FUSE filesystems), the store lives on a loop-backed ext4
+image that the driver brings up in `start()` and `minifs down` takes down.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import platform
+import secrets
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from minifs import failpoints, linux
+from minifs.driver import Driver, tree_usage
+from minifs.errors import InvalidArgument, NotSupported
+from minifs.hookspecs import hookimpl
+from minifs.model import DriverKind, Kind, Mount, Usage
+from minifs.resources import run
+
+KERNEL_MAX_STACK = 500
+"""overlayfs's OVL_MAX_STACK: the most lower layers one mount can have."""
+
+DEFAULT_IMAGE_SIZE = "10G"
+
+
+def _short_name() -> str:
+    return base64.b32encode(secrets.token_bytes(16)).decode()[:26]
+
+
+def _has_index_param() -> bool:
+    return Path("/sys/module/overlay/parameters/index").exists()
+
+
+class Overlay2Driver(Driver):
+    name = "overlay2"
+    kind = DriverKind.COW
+    backend = "kernel overlayfs"
+    max_depth = KERNEL_MAX_STACK
+    _backing = "direct"
+    options_help = {
+        "backing": "auto (default), direct, or loop: keep layers on a loop-backed ext4 image",
+        "size": f"size of the loop-backed image (default {DEFAULT_IMAGE_SIZE})",
+    }
+
+    @classmethod
+    def probe(cls) -> None:
+        if os.geteuid() != 0:
+            raise NotSupported("overlay2 mounts overlayfs, which needs root; run as root")
+        with open("/proc/filesystems", encoding="utf-8") as f:
+            if not any(line.split()[-1] == "overlay" for line in f if line.strip()):
+                raise NotSupported(
+                    "the kernel has no overlayfs (not in /proc/filesystems); "
+                    "load it with 'modprobe overlay'"
+                )
+
+    @classmethod
+    def version(cls) -> str:
+        return f"kernel {platform.release()}"
+
+    # -- lifecycle: where the layers live ------------------------------------
+
+    @property
+    def config_path(self) -> Path:
+        return self.home / "config.json"
+
+    def _config(self) -> dict[str, str]:
+        """The backing chosen when this home was made; later options must agree."""
+        try:
+            config = json.loads(self.config_path.read_text())
+        except FileNotFoundError:
+            backing = self.options.get("backing", "auto")
+            if backing not in ("auto", "direct", "loop"):
+                raise InvalidArgument(
+                    f"overlay2.backing={backing} is not one of auto, direct, loop"
+                ) from None
+            if backing == "auto":
+                backing = "direct" if self._upper_works(self.home) else "loop"
+            config = {"backing": backing, "size": self.options.get("size", DEFAULT_IMAGE_SIZE)}
+            tmp = self.config_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(config))
+            os.replace(tmp, self.config_path)
+            return config
+        for key, value in self.options.items():
+            if (
+                key in config
+                and config[key] != value
+                and not (key == "backing" and value == "auto")
+            ):
+                raise InvalidArgument(
+                    f"overlay2 in {self.home} was made with {key}={config[key]}; "
+                    f"to use {key}={value}, remove its snapshots and that directory first"
+                )
+        return config
+
+    @staticmethod
+    def _upper_works(where: Path) -> bool:
+        """Try a tiny overlay mount with its upper dir on `where`'s filesystem."""
+        probe = Path(tempfile.mkdtemp(prefix=".probe-", dir=where))
+        try:
+            for sub in ("lower", "upper", "work", "merged"):
+                (probe / sub).mkdir()
+            data = f"lowerdir={probe}/lower,upperdir={probe}/upper,workdir={probe}/work"
+            try:
+                linux.mount("overlay", probe / "merged", "overlay", 0, data)
+            except OSError:
+                return False
+            linux.umount(probe / "merged")
+            return True
+        finally:
+            shutil.rmtree(probe, ignore_errors=True)
+
+    @property
+    def data(self) -> Path:
+        return self.home / "data" if self._backing == "loop" else self.home
+
+    def start(self) -> None:
+        super().start()
+        config = self._config()
+        self._backing = config["backing"]
+        if self._backing == "loop":
+            image = self.home / "backing.img"
+            if not image.exists():
+                self._make_image(image, config["size"])
+            device = self.resources.loop("loop", image)
+            self.resources.mount("mount", device, self.data, "ext4")
+        (self.data / "l").mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def _make_image(image: Path, size: str) -> None:
+        partial = image.with_suffix(".partial")
+        run(["truncate", "--size", size, str(partial)], f"create {partial}")
+        run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", str(partial)], f"mkfs.ext4 {partial}")
+        os.replace(partial, image)
+
+    # -- snapshots -------------------------------------------------------------
+
+    def dir(self, sid: str) -> Path:
+        return self.data / sid
+
+    def _link(self, sid: str) -> str:
+        return (self.dir(sid) / "link").read_text().strip()
+
+    def prepare(self, sid: str, parents: Sequence[str]) -> None:
+        self.remove(sid)  # a crashed earlier attempt may have left part of it
+        root = self.dir(sid)
+        root.mkdir(mode=0o710)
+        for sub in ("diff", "work", "merged"):
+            (root / sub).mkdir(mode=0o755 if sub == "diff" else 0o700)
+        failpoints.hit("overlay2:prepare-partial")
+        link = _short_name()
+        (self.data / "l" / link).symlink_to(f"../{sid}/diff")
+        (root / "link").write_text(link)
+        if parents:
+            lowers = [f"l/{self._link(p)}" for p in parents]
+            (root / "lower").write_text(":".join(lowers))
+
+    def commit(self, sid: str, parents: Sequence[str]) -> None:
+        """The upper dir becomes a lower dir as it is; overlay needs no conversion."""
+
+    def remove(self, sid: str) -> None:
+        root = self.dir(sid)
+        with contextlib.suppress(FileNotFoundError):
+            (self.data / "l" / self._link(sid)).unlink(missing_ok=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+    def _lowerdir(self, ids: Sequence[str]) -> str:
+        return "lowerdir=" + ":".join(f"{self.data}/l/{self._link(i)}" for i in ids)
+
+    def mounts(self, sid: str, kind: Kind, parents: Sequence[str]) -> list[Mount]:
+        index = ("index=off",) if _has_index_param() else ()
+        if kind is Kind.CLONE:
+            diff = str(self.dir(sid) / "diff")
+            if not parents:
+                return [Mount("bind", diff, ("rbind", "rw"))]
+            work = str(self.dir(sid) / "work")
+            options = (*index, self._lowerdir(parents), f"upperdir={diff}", f"workdir={work}")
+            return [Mount("overlay", "overlay", options)]
+        # A layer shows itself over its parents; a view shows only its parents.
+        lowers = [sid, *parents] if kind is Kind.LAYER else list(parents)
+        if not lowers:
+            return [Mount("bind", str(self.dir(sid) / "diff"), ("rbind", "ro"))]
+        if len(lowers) == 1:
+            return [Mount("bind", str(self.dir(lowers[0]) / "diff"), ("rbind", "ro"))]
+        return [Mount("overlay", "overlay", ("ro", *index, self._lowerdir(lowers)))]
+
+    def usage(self, sid: str) -> Usage:
+        return tree_usage(self.dir(sid) / "diff")
+
+    def ids(self) -> set[str]:
+        try:
+            names = os.listdir(self.data)
+        except FileNotFoundError:
+            return set()
+        # Snapshot dirs are named by 32-hex ids; l/, run/, data/ and files are not.
+        return {n for n in names if len(n) == 32 and (self.data / n).is_dir()}
+
+
+@hookimpl
+def register_drivers(register) -> None:
+    register(Overlay2Driver)

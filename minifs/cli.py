@@ -1,0 +1,457 @@
+"""The `minifs` command line.
+
+argparse rather than click or typer, and every heavy import (pluggy, rich,
+sqlite, drivers) inside the command that needs it: `minifs --help` and small
+commands must start in the time peers like `ctr` or `crun` do. Errors a user
+can act on print as one line and exit 2; there is never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from minifs.errors import InvalidArgument, MinifsError
+
+DEFAULT_DRIVER = "overlay2"
+
+
+def _pairs(items: Sequence[str] | None, what: str) -> dict[str, str]:
+    result = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"bad {what} {item!r}; write it as KEY=VALUE")
+        result[key] = value
+    return result
+
+
+def _storage_options(args: argparse.Namespace, driver: str) -> dict[str, str]:
+    """`--storage-opt overlay2.backing=loop` -> {"backing": "loop"} for overlay2."""
+    found = {}
+    for key, value in _pairs(args.storage_opt, "--storage-opt").items():
+        owner, dot, option = key.partition(".")
+        if not dot:
+            raise InvalidArgument(
+                f"--storage-opt {key}={value} names no driver; write DRIVER.{key}={value}"
+            )
+        if owner == driver:
+            found[option] = value
+    return found
+
+
+def open_storage(args: argparse.Namespace, driver: str | None = None) -> Any:
+    from minifs.storage import Storage
+
+    name = driver or args.driver
+    return Storage(name, args.root, _storage_options(args, name))
+
+
+def emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
+    if getattr(args, "json", False):
+        json.dump(data, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        human()
+
+
+def table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(box=None, header_style="bold")
+    for column in columns:
+        t.add_column(column, overflow="fold")
+    for row in rows:
+        t.add_row(*("" if v is None else str(v) for v in row))
+    Console().print(t)
+
+
+def _ago(created: float) -> str:
+    import time
+
+    seconds = int(time.time() - created)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+# -- commands ---------------------------------------------------------------
+
+
+def cmd_drivers(args: argparse.Namespace) -> int:
+    from minifs.errors import MinifsError as Unavailable
+    from minifs.plugins import registered
+
+    entries = []
+    for name, reg in sorted(registered().items()):
+        cls = reg.driver
+        try:
+            cls.probe()
+            available, reason, version = True, None, cls.version()
+        except Unavailable as exc:
+            available, reason, version = False, str(exc), None
+        entries.append(
+            {
+                "name": name,
+                "kind": cls.kind.value,
+                "available": available,
+                "reason": reason,
+                "backend": cls.backend,
+                "version": version,
+                "max_layers": cls.max_depth,
+                "plugin": reg.plugin,
+                "plugin_version": reg.plugin_version,
+            }
+        )
+    emit(
+        args,
+        entries,
+        lambda: table(
+            ("DRIVER", "KIND", "AVAILABLE", "BACKEND", "VERSION", "PLUGIN", "REASON"),
+            [
+                (
+                    e["name"],
+                    e["kind"],
+                    "yes" if e["available"] else "no",
+                    e["backend"],
+                    e["version"],
+                    e["plugin"],
+                    e["reason"],
+                )
+                for e in entries
+            ],
+        ),
+    )
+    return 0
+
+
+def _print_info(args: argparse.Namespace, info: Any) -> None:
+    emit(args, info.to_dict(), lambda: print(info.name))
+
+
+def cmd_clone(args: argparse.Namespace) -> int:
+    with open_storage(args) as storage:
+        info = storage.clone(args.name, args.parent, _pairs(args.label, "--label"))
+        _print_info(args, info)
+    return 0
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    with open_storage(args) as storage:
+        info = storage.view(args.name, args.parent, _pairs(args.label, "--label"))
+        _print_info(args, info)
+    return 0
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    with open_storage(args) as storage:
+        info = storage.snapshot(args.clone, args.layer, _pairs(args.label, "--label"), args.keep)
+        _print_info(args, info)
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from minifs.state import StateDir
+    from minifs.storage import matches, parse_filters
+    from minifs.store import Store
+
+    filters = parse_filters(args.filter or [])
+    state = StateDir(args.root)
+    infos = []
+    if state.db_path.exists():
+        store = Store(state.db_path)
+        infos = [i for i in store.list(args.driver) if matches(i, filters)]
+        store.close()
+    emit(
+        args,
+        [i.to_dict() for i in infos],
+        lambda: table(
+            ("NAME", "KIND", "DRIVER", "PARENT", "STATE", "CREATED", "ID"),
+            [
+                (
+                    i.name,
+                    i.kind.value,
+                    i.driver,
+                    i.parent,
+                    i.state.value,
+                    _ago(i.created),
+                    i.id[:12],
+                )
+                for i in infos
+            ],
+        ),
+    )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    with open_storage(args) as storage:
+        info = storage.stat(args.name)
+        data = info.to_dict()
+        data["mounts"] = [m.to_dict() for m in storage.mounts(args.name)]
+        data["mounted_at"] = storage.store.mounts_of(info.id)
+        data["depth"] = len(storage.store.chain(info.parent_id))
+    emit(args, data, lambda: print(json.dumps(data, indent=2)))
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    with open_storage(args) as storage:
+        usage = storage.usage(args.name)
+    data = {"name": args.name, **usage.to_dict()}
+    emit(
+        args,
+        data,
+        lambda: table(
+            ("NAME", "SIZE", "INODES"), [(args.name, human_size(usage.size), usage.inodes)]
+        ),
+    )
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    with open_storage(args) as storage:
+        for name in args.names:
+            storage.remove(name)
+            print(name)
+    return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    with open_storage(args) as storage:
+        info = storage.set_labels(args.name, _pairs(args.labels, "label"))
+    emit(args, info.to_dict(), lambda: print(json.dumps(info.labels)))
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    with open_storage(args) as storage:
+        print(storage.mount(args.name, args.dir))
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from minifs.state import StateDir
+    from minifs.store import Store
+
+    state = StateDir(args.root)
+    target = os.path.realpath(args.dir)
+    driver = args.driver
+    if state.db_path.exists():
+        store = Store(state.db_path)
+        sid = store.mount_at(target)
+        info = store.get_id(sid) if sid else None
+        store.close()
+        driver = info.driver if info else driver
+    with open_storage(args, driver) as storage:
+        storage.umount(target)
+    return 0
+
+
+def _drivers_with_state(args: argparse.Namespace) -> list[str]:
+    from minifs.state import StateDir
+
+    if args.driver:
+        return [args.driver]
+    state = StateDir(args.root)
+    try:
+        return sorted(os.listdir(state.drivers_dir))
+    except FileNotFoundError:
+        return []
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    reports = {}
+    for driver in _drivers_with_state(args):
+        with open_storage(args, driver) as storage:
+            reports[driver] = storage.gc(args.dry_run).to_dict()
+
+    def human() -> None:
+        verb = "would" if args.dry_run else "did"
+        for driver, report in reports.items():
+            actions = [
+                *report["recovered"],
+                *(f"remove orphan {o}" for o in report["orphans"]),
+                *(f"forget stale mount {m}" for m in report["stale_mounts"]),
+            ]
+            for action in actions:
+                print(f"{driver}: {action}")
+            if not actions:
+                print(f"{driver}: consistent, nothing {verb} change")
+
+    emit(args, reports, human)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    stopped = {}
+    for driver in _drivers_with_state(args):
+        with open_storage(args, driver) as storage:
+            stopped[driver] = storage.down()
+    emit(
+        args, stopped, lambda: [print(f"{d}: stopped {s}") for d, ss in stopped.items() for s in ss]
+    )
+    return 0
+
+
+# -- parser -------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minifs",
+        description="Container storage drivers, side by side: clone, snapshot, mount, measure.",
+    )
+    parser.add_argument(
+        "--root",
+        metavar="DIR",
+        default=None,
+        help="state directory (env MINIFS_ROOT, default /var/lib/minifs)",
+    )
+    parser.add_argument(
+        "--storage-opt",
+        metavar="DRIVER.KEY=VALUE",
+        action="append",
+        help="driver option, e.g. overlay2.backing=loop (repeatable)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    default_driver = os.environ.get("MINIFS_DRIVER", DEFAULT_DRIVER)
+
+    def command(
+        name: str,
+        func: Callable[[argparse.Namespace], int],
+        help: str,
+        driver: bool = True,
+        json_flag: bool = False,
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        if driver:
+            p.add_argument(
+                "--driver",
+                "-d",
+                default=default_driver,
+                help=f"storage driver (env MINIFS_DRIVER, default {DEFAULT_DRIVER})",
+            )
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="print JSON for scripts")
+        return p
+
+    p = command(
+        "drivers",
+        cmd_drivers,
+        "list storage drivers and whether they run here",
+        driver=False,
+        json_flag=True,
+    )
+
+    p = command(
+        "clone", cmd_clone, "create a writable clone (empty, or on a layer)", json_flag=True
+    )
+    p.add_argument("name")
+    p.add_argument("--from", dest="parent", metavar="LAYER", help="layer to clone")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE")
+
+    p = command("view", cmd_view, "create a read-only view of a layer", json_flag=True)
+    p.add_argument("name")
+    p.add_argument("--from", dest="parent", metavar="LAYER", required=True)
+    p.add_argument("--label", action="append", metavar="KEY=VALUE")
+
+    p = command(
+        "snapshot",
+        cmd_snapshot,
+        "commit a clone as a new layer (the clone is consumed unless --keep)",
+        json_flag=True,
+    )
+    p.add_argument("clone")
+    p.add_argument("layer")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep working in a fresh clone of the same name on the new layer",
+    )
+    p.add_argument("--label", action="append", metavar="KEY=VALUE")
+
+    p = command("ls", cmd_ls, "list layers, clones and views", driver=False, json_flag=True)
+    p.add_argument("--driver", "-d", default=None, help="only this driver (default: all)")
+    p.add_argument(
+        "--filter",
+        "-f",
+        action="append",
+        metavar="KEY=VALUE",
+        help="kind=clone|view|layer, parent=NAME, name=NAME, label.KEY=VALUE",
+    )
+
+    p = command("inspect", cmd_inspect, "show one snapshot with its mount records", json_flag=True)
+    p.add_argument("name")
+
+    p = command("usage", cmd_usage, "bytes and inodes a snapshot holds itself", json_flag=True)
+    p.add_argument("name")
+
+    p = command("rm", cmd_rm, "remove clones, views or layers (children first)")
+    p.add_argument("names", nargs="+", metavar="NAME")
+
+    p = command("label", cmd_label, "set labels (KEY= deletes one)", json_flag=True)
+    p.add_argument("name")
+    p.add_argument("labels", nargs="+", metavar="KEY=VALUE")
+
+    p = command("mount", cmd_mount, "mount a snapshot on an existing directory")
+    p.add_argument("name")
+    p.add_argument("dir")
+
+    p = command("umount", cmd_umount, "unmount a directory mounted by 'minifs mount'")
+    p.add_argument("dir")
+
+    p = command(
+        "gc",
+        cmd_gc,
+        "recover crashed operations and remove orphaned data",
+        driver=False,
+        json_flag=True,
+    )
+    p.add_argument("--driver", "-d", default=None, help="only this driver (default: all)")
+    p.add_argument("--dry-run", action="store_true", help="say what would change")
+
+    p = command(
+        "down",
+        cmd_down,
+        "stop every backend minifs started (daemons, loops, mounts)",
+        driver=False,
+        json_flag=True,
+    )
+    p.add_argument("--driver", "-d", default=None, help="only this driver (default: all)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MinifsError as exc:
+        print(f"minifs: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("minifs: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"minifs: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The snapshot model, after containerd's Snapshotter.
+
+A *layer* is committed, immutable state with at most one parent; a *clone* is a
+writable filesystem on a layer (or on nothing); a *view* is a read-only one; a
+*snapshot* commits a clone into a new layer. Drivers describe how to mount any
+of them as a list of `Mount` records and never mount on the caller's behalf.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Kind(enum.StrEnum):
+    """What a snapshot row is: containerd's active/view/committed, in minifs words."""
+
+    CLONE = "clone"
+    VIEW = "view"
+    LAYER = "layer"
+
+
+class State(enum.StrEnum):
+    """Where a row is in its life; anything but READY is a crash to recover."""
+
+    CREATING = "creating"
+    READY = "ready"
+    COMMITTING = "committing"
+    REMOVING = "removing"
+
+
+class DriverKind(enum.StrEnum):
+    """How a driver shares data between a layer and its clones."""
+
+    COPY = "copy"
+    COW = "cow"
+    ROW = "row"
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One mount record: what `mount -t TYPE -o OPTIONS SOURCE TARGET` would do.
+
+    `target` is a path inside the mount root ("" for the root itself), as in
+    containerd. Overlay records list their lower directories with absolute
+    paths; the mounter decides whether they fit `mount(2)` or need the new
+    mount API, so the same record works for the CLI, the launcher and the bench.
+    """
+
+    type: str
+    source: str
+    options: tuple[str, ...] = ()
+    target: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "type": self.type,
+            "source": self.source,
+            "target": self.target,
+            "options": list(self.options),
+        }
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Bytes on disk and inodes of one snapshot itself, parents excluded."""
+
+    size: int
+    inodes: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"size": self.size, "inodes": self.inodes}
+
+
+@dataclass(frozen=True)
+class Info:
+    """What the store knows about one snapshot."""
+
+    id: str
+    driver: str
+    name: str
+    kind: Kind
+    parent: str | None
+    parent_id: str | None
+    labels: dict[str, str] = field(default_factory=dict)
+    created: float = 0.0
+    updated: float = 0.0
+    state: State = State.READY
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "driver": self.driver,
+            "name": self.name,
+            "kind": self.kind.value,
+            "parent": self.parent,
+            "parent_id": self.parent_id,
+            "labels": dict(self.labels),
+            "created": self.created,
+            "updated": self.updated,
+            "state": self.state.value,
+        }

@@ -1,0 +1,81 @@
+"""The state directory: where the metadata store, the lock and driver homes live.
+
+Chosen by `--root`, else `MINIFS_ROOT`, else /var/lib/minifs. Every driver gets
+a home under `drivers/<name>/`; what a driver brings up outside its home
+(daemons, loop devices, mounts) is recorded under that home's `run/`.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from minifs.errors import StateDirError
+
+DEFAULT_ROOT = Path("/var/lib/minifs")
+
+
+def resolve_root(root: str | os.PathLike[str] | None = None) -> Path:
+    """The state dir the user asked for, made absolute so records stay valid."""
+    chosen = root if root is not None else os.environ.get("MINIFS_ROOT") or DEFAULT_ROOT
+    return Path(chosen).absolute()
+
+
+class StateDir:
+    """Paths inside one state directory, created on first use."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        self.root = resolve_root(root)
+        self._lock_fd: int | None = None
+        self._lock_depth = 0
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / "metadata.db"
+
+    @property
+    def drivers_dir(self) -> Path:
+        return self.root / "drivers"
+
+    def home(self, driver: str) -> Path:
+        return self.drivers_dir / driver
+
+    def ensure(self) -> None:
+        """Create the state dir, or say in one line why it cannot be used."""
+        try:
+            self.drivers_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-probe-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            hint = "run as root" if exc.errno in (errno.EACCES, errno.EPERM) else "pick another"
+            raise StateDirError(
+                f"state dir {self.root} is not usable ({reason}); "
+                f"{hint} or pass --root DIR / set MINIFS_ROOT to a writable directory"
+            ) from None
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the state dir's exclusive lock; re-entrant within one process.
+
+        flock is released by the kernel when a process dies, so a SIGKILL never
+        leaves the store locked; rows it left half-done are recovered by the
+        next holder (see Storage.recover).
+        """
+        if self._lock_depth == 0:
+            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._lock_fd = fd
+        self._lock_depth += 1
+        try:
+            yield
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0 and self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
