@@ -28,8 +28,8 @@ from minifs import failpoints, linux
 from minifs.driver import Driver, tree_usage
 from minifs.errors import InvalidArgument, NotSupported
 from minifs.hookspecs import hookimpl
+from minifs.loopdisk import make_image, parse_size
 from minifs.model import DriverKind, Kind, Mount, Usage
-from minifs.resources import run
 
 KERNEL_MAX_STACK = 500
 """overlayfs's OVL_MAX_STACK: the most lower layers one mount can have."""
@@ -134,17 +134,10 @@ class Overlay2Driver(Driver):
         if self._backing == "loop":
             image = self.home / "backing.img"
             if not image.exists():
-                self._make_image(image, config["size"])
+                make_image(image, parse_size(config["size"]), "ext4")
             device = self.resources.loop("loop", image)
             self.resources.mount("mount", device, self.data, "ext4")
         (self.data / "l").mkdir(parents=True, exist_ok=True)
-
-    @staticmethod
-    def _make_image(image: Path, size: str) -> None:
-        partial = image.with_suffix(".partial")
-        run(["truncate", "--size", size, str(partial)], f"create {partial}")
-        run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", str(partial)], f"mkfs.ext4 {partial}")
-        os.replace(partial, image)
 
     # -- snapshots -------------------------------------------------------------
 
@@ -196,6 +189,9 @@ class Overlay2Driver(Driver):
         if len(lowers) == 1:
             return [Mount("bind", str(self.dir(lowers[0]) / "diff"), ("rbind", "ro"))]
         return [Mount("overlay", "overlay", ("ro", *index, self._lowerdir(lowers)))]
+
+    def diff_dir(self, sid: str) -> Path | None:
+        return self.dir(sid) / "diff"
 
     def usage(self, sid: str) -> Usage:
         return tree_usage(self.dir(sid) / "diff")

@@ -34,6 +34,10 @@ class Driver(abc.ABC):
     """Most layers one clone may stack on, or None when the backend has no limit."""
     options_help: ClassVar[Mapping[str, str]] = {}
     """Storage options (`--storage-opt NAME.KEY=VALUE`) this driver understands."""
+    disk_filesystem: ClassVar[str | None] = "ext4"
+    """What to format a dedicated disk with (the benchmark's) before putting this
+    driver's state dir on it; None when the driver takes the block device itself
+    through its `device` storage option (a zpool, a thin pool)."""
 
     def __init__(self, home: Path, options: Mapping[str, str] | None = None) -> None:
         self.home = home
@@ -89,6 +93,15 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     def mounts(self, sid: str, kind: Kind, parents: Sequence[str]) -> list[Mount]:
         """Mount records that show `sid` (read-only unless it is a clone)."""
+
+    def diff_dir(self, sid: str) -> Path | None:
+        """The directory holding only `sid`'s own changes in overlayfs form
+        (whiteouts as 0/0 character devices, opaque directories marked by the
+        `trusted.overlay.opaque` xattr), for drivers that keep one. Layer tars
+        are then applied and diffed there directly, as Docker's overlay2 does;
+        drivers holding full trees return None and are diffed by comparing trees.
+        """
+        return None
 
     @abc.abstractmethod
     def usage(self, sid: str) -> Usage:

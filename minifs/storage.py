@@ -35,6 +35,10 @@ from minifs.plugins import get_driver
 from minifs.state import StateDir
 from minifs.store import Store
 
+TRANSIENT_LABEL = "minifs.transient"
+"""A clone made and consumed inside one locked operation (e.g. unpacking an
+image layer). Seen by recovery, it can only be left over from a crash."""
+
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,254}")
 
 
@@ -304,6 +308,11 @@ class Storage:
     def recover(self, dry_run: bool = False) -> list[str]:
         """Finish or undo what crashed operations left; returns what it did."""
         done = []
+        for info in self.list({f"label.{TRANSIENT_LABEL}": "1"}):
+            done.append(f"removed transient {info.kind.value} {info.name}")
+            if not dry_run:
+                self.driver.remove(info.id)
+                self.store.delete(info.id)
         for info, pending in self.store.unfinished(self.name):
             if info.state is State.COMMITTING and pending:
                 done.append(f"finished snapshot of {info.name} as layer {pending}")

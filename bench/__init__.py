@@ -1,0 +1,1 @@
+"""minifs's benchmark lab: workloads, probes, runner and report (`minifs bench`)."""

@@ -1,0 +1,48 @@
+"""File-backed disk images: the one place minifs makes and formats them.
+
+Used wherever a backend needs a block device of its own: overlay2's loop-backed
+store, the benchmark's dedicated disk per driver, and later a zpool or thin
+pool on a loop device. Attaching and mounting go through `Resources`, so every
+loop device and mount made from an image is recorded and torn down by `down()`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from minifs.errors import InvalidArgument
+from minifs.resources import run
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+_MKFS = {
+    "ext4": ["mkfs.ext4", "-q", "-F", "-E", "nodiscard"],
+    "xfs": ["mkfs.xfs", "-q", "-f", "-K"],
+    "btrfs": ["mkfs.btrfs", "-q", "-f", "--nodiscard"],
+}
+
+
+def parse_size(text: str) -> int:
+    """'512M', '10G', '4096' -> bytes (binary units, as truncate(1) reads them)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise InvalidArgument(f"bad size {text!r}; write it like 512M or 10G")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def make_image(path: Path, size: int, fstype: str | None = "ext4") -> None:
+    """Create a sparse image of `size` bytes, formatted with `fstype` unless None.
+
+    Built under a temporary name and renamed at the end, so a crash never
+    leaves a half-formatted image that looks usable.
+    """
+    if fstype is not None and fstype not in _MKFS:
+        raise InvalidArgument(f"cannot format {fstype}; known: {', '.join(sorted(_MKFS))}")
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f:
+        f.truncate(size)
+    if fstype is not None:
+        run([*_MKFS[fstype], str(partial)], f"format {path.name} as {fstype}")
+    os.replace(partial, path)
