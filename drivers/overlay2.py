@@ -128,6 +128,11 @@ class Overlay2Driver(Driver):
         return self.home / "data" if self._backing == "loop" else self.home
 
     def start(self) -> None:
+        if any(c in str(self.home) for c in ",:"):
+            raise InvalidArgument(
+                f"overlay2 cannot keep layers under {self.home}: ',' and ':' separate overlay "
+                "mount options; pick a --root without them"
+            )
         super().start()
         config = self._config()
         self._backing = config["backing"]

@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from minifs.errors import InvalidArgument, MinifsError
@@ -262,26 +262,39 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
-def _drivers_with_state(args: argparse.Namespace) -> list[str]:
+def _storages_with_state(args: argparse.Namespace) -> Iterator[Any]:
+    """The --driver given, else every driver that has a home in the state dir.
+
+    Without --driver, one driver that cannot open here (uninstalled plugin,
+    missing kernel feature) is reported and skipped so the others still run.
+    """
     from minifs.state import StateDir
 
     if args.driver:
-        return [args.driver]
-    state = StateDir(args.root)
+        with open_storage(args, args.driver) as storage:
+            yield storage
+        return
     try:
-        return sorted(os.listdir(state.drivers_dir))
+        names = sorted(os.listdir(StateDir(args.root).drivers_dir))
     except FileNotFoundError:
-        return []
+        names = []
+    for name in names:
+        try:
+            storage = open_storage(args, name)
+        except MinifsError as exc:
+            print(f"minifs: warning: skipped {name}: {exc}", file=sys.stderr)
+            continue
+        with storage:
+            yield storage
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
     reports = {}
-    for driver in _drivers_with_state(args):
-        with open_storage(args, driver) as storage:
-            reports[driver] = storage.gc(args.dry_run).to_dict()
+    for storage in _storages_with_state(args):
+        reports[storage.name] = storage.gc(args.dry_run).to_dict()
 
     def human() -> None:
-        verb = "would" if args.dry_run else "did"
+        prefix = "would " if args.dry_run else ""
         for driver, report in reports.items():
             actions = [
                 *report["recovered"],
@@ -289,9 +302,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 *(f"forget stale mount {m}" for m in report["stale_mounts"]),
             ]
             for action in actions:
-                print(f"{driver}: {action}")
+                print(f"{driver}: {prefix}{action}")
             if not actions:
-                print(f"{driver}: consistent, nothing {verb} change")
+                print(f"{driver}: consistent, nothing to do")
 
     emit(args, reports, human)
     return 0
@@ -299,9 +312,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def cmd_down(args: argparse.Namespace) -> int:
     stopped = {}
-    for driver in _drivers_with_state(args):
-        with open_storage(args, driver) as storage:
-            stopped[driver] = storage.down()
+    for storage in _storages_with_state(args):
+        stopped[storage.name] = storage.down()
     emit(
         args, stopped, lambda: [print(f"{d}: stopped {s}") for d, ss in stopped.items() for s in ss]
     )

@@ -309,18 +309,18 @@ class Storage:
         """Finish or undo what crashed operations left; returns what it did."""
         done = []
         for info in self.list({f"label.{TRANSIENT_LABEL}": "1"}):
-            done.append(f"removed transient {info.kind.value} {info.name}")
+            done.append(f"remove transient {info.kind.value} {info.name}")
             if not dry_run:
                 self.driver.remove(info.id)
                 self.store.delete(info.id)
         for info, pending in self.store.unfinished(self.name):
             if info.state is State.COMMITTING and pending:
-                done.append(f"finished snapshot of {info.name} as layer {pending}")
+                done.append(f"finish snapshot of {info.name} as layer {pending}")
                 if not dry_run:
                     self.driver.commit(info.id, self.store.chain(info.parent_id))
                     self.store.finish_commit(info.id, pending, info.labels)
             else:
-                verb = "removed" if info.state is State.REMOVING else "rolled back"
+                verb = "finish removing" if info.state is State.REMOVING else "roll back"
                 done.append(f"{verb} {info.kind.value} {info.name} ({info.state.value})")
                 if not dry_run:
                     self.driver.remove(info.id)
