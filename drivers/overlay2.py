@@ -20,6 +20,7 @@ import os
 import platform
 import secrets
 import shutil
+import stat
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +44,17 @@ def _short_name() -> str:
 
 def _has_index_param() -> bool:
     return Path("/sys/module/overlay/parameters/index").exists()
+
+
+def _copy_root_attributes(source: Path, target: Path) -> None:
+    """A merged root shows its upper dir's own mode, owner and xattrs, so a
+    clone's fresh upper root must start as a copy of its parent's root."""
+    st = os.lstat(source)
+    os.chown(target, st.st_uid, st.st_gid)  # before chmod: chown clears setgid
+    os.chmod(target, stat.S_IMODE(st.st_mode))
+    for name in os.listxattr(source):
+        if not name.startswith("trusted.overlay."):
+            os.setxattr(target, name, os.getxattr(source, name))
 
 
 class Overlay2Driver(Driver):
@@ -165,6 +177,7 @@ class Overlay2Driver(Driver):
         if parents:
             lowers = [f"l/{self._link(p)}" for p in parents]
             (root / "lower").write_text(":".join(lowers))
+            _copy_root_attributes(self.dir(parents[0]) / "diff", root / "diff")
 
     def commit(self, sid: str, parents: Sequence[str]) -> None:
         """The upper dir becomes a lower dir as it is; overlay needs no conversion."""
