@@ -22,7 +22,7 @@ import secrets
 import shutil
 import stat
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from minifs import failpoints, linux
@@ -68,6 +68,14 @@ class Overlay2Driver(Driver):
         "size": f"size of the loop-backed image (default {DEFAULT_IMAGE_SIZE})",
     }
 
+    def __init__(self, home: Path, options: Mapping[str, str] | None = None) -> None:
+        super().__init__(home, options)
+        backing = self.options.get("backing", "auto")
+        if backing not in ("auto", "direct", "loop"):
+            raise InvalidArgument(f"overlay2.backing={backing} is not one of auto, direct, loop")
+        if "size" in self.options:
+            parse_size(self.options["size"])
+
     @classmethod
     def probe(cls) -> None:
         if os.geteuid() != 0:
@@ -91,14 +99,10 @@ class Overlay2Driver(Driver):
 
     def _config(self) -> dict[str, str]:
         """The backing chosen when this home was made; later options must agree."""
+        backing = self.options.get("backing", "auto")
         try:
             config = json.loads(self.config_path.read_text())
         except FileNotFoundError:
-            backing = self.options.get("backing", "auto")
-            if backing not in ("auto", "direct", "loop"):
-                raise InvalidArgument(
-                    f"overlay2.backing={backing} is not one of auto, direct, loop"
-                ) from None
             if backing == "auto":
                 backing = "direct" if self._upper_works(self.home) else "loop"
             config = {"backing": backing, "size": self.options.get("size", DEFAULT_IMAGE_SIZE)}
@@ -172,10 +176,13 @@ class Overlay2Driver(Driver):
             (root / sub).mkdir(mode=0o755 if sub == "diff" else 0o700)
         failpoints.hit("overlay2:prepare-partial")
         link = _short_name()
-        (self.data / "l" / link).symlink_to(f"../{sid}/diff")
+        # `link` first: remove() finds the symlink through it, so a crash
+        # between the two never leaves a symlink nothing points back to.
         (root / "link").write_text(link)
+        (self.data / "l" / link).symlink_to(f"../{sid}/diff")
         if parents:
-            lowers = [f"l/{self._link(p)}" for p in parents]
+            # As Docker does: the parent's short name, then the parent's own lower.
+            lowers = [f"l/{self._link(parents[0])}", *self._lower(parents[0])]
             (root / "lower").write_text(":".join(lowers))
             _copy_root_attributes(self.dir(parents[0]) / "diff", root / "diff")
 
@@ -188,8 +195,17 @@ class Overlay2Driver(Driver):
             (self.data / "l" / self._link(sid)).unlink(missing_ok=True)
         shutil.rmtree(root, ignore_errors=True)
 
-    def _lowerdir(self, ids: Sequence[str]) -> str:
-        return "lowerdir=" + ":".join(f"{self.data}/l/{self._link(i)}" for i in ids)
+    def _lower(self, sid: str) -> list[str]:
+        """`sid`'s parents as `l/NAME`, nearest first, from its `lower` file."""
+        try:
+            return (self.dir(sid) / "lower").read_text().split(":")
+        except FileNotFoundError:
+            return []
+
+    def _lowerdir(self, sid: str, with_self: bool) -> str:
+        """One read of `lower` instead of one `link` read per layer."""
+        names = [f"l/{self._link(sid)}"] if with_self else []
+        return "lowerdir=" + ":".join(f"{self.data}/{n}" for n in [*names, *self._lower(sid)])
 
     def mounts(self, sid: str, kind: Kind, parents: Sequence[str]) -> list[Mount]:
         index = ("index=off",) if _has_index_param() else ()
@@ -198,7 +214,12 @@ class Overlay2Driver(Driver):
             if not parents:
                 return [Mount("bind", diff, ("rbind", "rw"))]
             work = str(self.dir(sid) / "work")
-            options = (*index, self._lowerdir(parents), f"upperdir={diff}", f"workdir={work}")
+            options = (
+                *index,
+                self._lowerdir(sid, with_self=False),
+                f"upperdir={diff}",
+                f"workdir={work}",
+            )
             return [Mount("overlay", "overlay", options)]
         # A layer shows itself over its parents; a view shows only its parents.
         lowers = [sid, *parents] if kind is Kind.LAYER else list(parents)
@@ -206,7 +227,8 @@ class Overlay2Driver(Driver):
             return [Mount("bind", str(self.dir(sid) / "diff"), ("rbind", "ro"))]
         if len(lowers) == 1:
             return [Mount("bind", str(self.dir(lowers[0]) / "diff"), ("rbind", "ro"))]
-        return [Mount("overlay", "overlay", ("ro", *index, self._lowerdir(lowers)))]
+        lowerdir = self._lowerdir(sid, with_self=kind is Kind.LAYER)
+        return [Mount("overlay", "overlay", ("ro", *index, lowerdir))]
 
     def diff_dir(self, sid: str) -> Path | None:
         return self.dir(sid) / "diff"

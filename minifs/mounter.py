@@ -98,8 +98,8 @@ def _mount_overlay_by_fsconfig(record: Mount, data: list[str], flags: int, targe
         for option in data:
             key, sep, value = option.partition("=")
             if key == "lowerdir":
-                for lower in value.split(":"):
-                    _lowerdir_plus(fd, lower, len(lowers))
+                for index, lower in enumerate(value.split(":")):
+                    _lowerdir_plus(fd, lower, index, len(lowers))
             elif sep:
                 linux.fsconfig_string(fd, key, value)
             else:
@@ -117,14 +117,21 @@ def _mount_overlay_by_fsconfig(record: Mount, data: list[str], flags: int, targe
         os.close(fd)
 
 
-def _lowerdir_plus(fd: int, lower: str, count: int) -> None:
+def _lowerdir_plus(fd: int, lower: str, index: int, count: int) -> None:
+    """Add one lower dir; EINVAL on the first means no `lowerdir+` support, on a
+    later one that the stack passed the kernel's limit."""
     try:
         linux.fsconfig_string(fd, "lowerdir+", lower)
     except OSError as exc:
-        if exc.errno == errno.EINVAL:
+        if exc.errno == errno.EINVAL and index == 0:
             raise TooManyLayers(
                 f"this kernel's overlayfs does not take 'lowerdir+' (needs 6.8+), so {count} "
                 "layers do not fit in one page of mount options; flatten the image"
+            ) from None
+        if exc.errno == errno.EINVAL:
+            raise TooManyLayers(
+                f"overlayfs took {index} lower layers and refused the next, so {count} exceed "
+                "the kernel's stack limit; flatten the image"
             ) from None
         raise
 

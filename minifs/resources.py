@@ -10,6 +10,7 @@ device on the same backing file) so nothing else on the machine is touched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -172,9 +173,26 @@ class Resources:
                     "mounted from it ('minifs umount DIR'), then run 'minifs down' again"
                 ) from None
         elif record["type"] == "loop":
+            _refuse_if_busy(record["device"])
             run(["losetup", "--detach", record["device"]], f"detach {record['device']}")
         else:
             _terminate(record["pid"], record["start_time"])
+
+
+def _refuse_if_busy(device: str) -> None:
+    """A mounted filesystem holds its device exclusively, in whatever mount
+    namespace it is mounted. losetup would only mark such a device for
+    autoclear and succeed, and the next start would attach the image again."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise InUse(
+                f"{device} is still in use by a mounted filesystem (a clone mounted "
+                "elsewhere?); unmount it, then run 'minifs down' again"
+            ) from None
+        raise
+    os.close(fd)
 
 
 def _terminate(pid: int, start_time: int, grace: float = 5.0) -> None:

@@ -105,8 +105,9 @@ class Storage:
         cls = get_driver(driver)
         cls.probe()
         self.state = StateDir(root)
-        self.state.ensure()
+        # The driver checks its options before anything is created on disk.
         self.driver: Driver = cls(self.state.home(driver), options)
+        self.state.ensure()
         self.store = Store(self.state.db_path)
         self._started = False
 
@@ -345,5 +346,21 @@ class Storage:
         return report
 
     def down(self) -> list[str]:
+        """Stop the backend, refusing while a snapshot of it is still mounted:
+        unmounting the backend's own mount would succeed under a clone's mount
+        and leave its device to be attached a second time on the next start."""
         with self.state.locked():
+            live = [
+                target
+                for target, sid in self.store.all_mounts()
+                if (info := self.store.get_id(sid))
+                and info.driver == self.name
+                and linux.is_mountpoint(target)
+            ]
+            if live:
+                raise InUse(
+                    f"{self.name} still has a snapshot mounted at {live[0]}; "
+                    f"run 'minifs umount {live[0]}', then 'minifs down' again"
+                )
+            self._started = False
             return self.driver.stop()

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from minifs.errors import StateDirError
 from minifs.model import Info, Kind, State
 
 SCHEMA_VERSION = 1
@@ -76,7 +77,16 @@ class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as exc:
+            # WAL needs to write its -shm file even to read: a read-only state dir
+            # fails here, before anything else.
+            self.db.close()
+            raise StateDirError(
+                f"cannot open the metadata store {path} ({exc}); make its directory "
+                "writable or pass --root DIR / set MINIFS_ROOT to a writable directory"
+            ) from None
         # FULL: a committed transaction survives power loss, not only a crash.
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")

@@ -1,0 +1,275 @@
+"""The `minifs` command end to end: bad input fails cleanly, the happy path works.
+
+Bad input must give one line on stderr starting with "minifs: error:", exit
+code 2, no traceback, and leave the state dir exactly as it was: the same rows
+in the store and the same entries in every driver home.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from minifs import linux
+from tests.conftest import MINIFS, driver_params
+
+Cli = Callable[..., subprocess.CompletedProcess]
+
+
+def on_driver(cli: Cli, driver: str) -> Cli:
+    """The `cli` fixture with MINIFS_DRIVER set, so every command uses `driver`."""
+
+    def run(*args: str, env: dict[str, str] | None = None, check: bool = False):
+        return cli(*args, env={"MINIFS_DRIVER": driver, **(env or {})}, check=check)
+
+    return run
+
+
+def assert_user_error(done: subprocess.CompletedProcess, *words: str) -> None:
+    """One line, the minifs prefix, exit 2, no traceback; it names the problem."""
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("minifs: error: "), lines[0]
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+def fingerprint(root: Path) -> tuple[list[tuple], list[tuple], list[tuple]]:
+    """Everything a failed command must leave alone: rows, mounts and files.
+
+    The database's own files and the lock are left out: opening the store
+    touches them without changing what they hold, which the rows show.
+    """
+    db = sqlite3.connect(root / "metadata.db")
+    try:
+        snapshots = db.execute("SELECT * FROM snapshots ORDER BY id").fetchall()
+        mounts = db.execute("SELECT * FROM mounts ORDER BY target").fetchall()
+    finally:
+        db.close()
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            if rel.startswith("metadata.db") or rel == "lock":
+                continue
+            target = os.readlink(path) if path.is_symlink() else None
+            files.append((rel, path.is_dir(), target))
+    return snapshots, mounts, sorted(files)
+
+
+@pytest.fixture(params=driver_params())
+def populated(request, cli: Cli, root: Path, tmp_path: Path) -> tuple[str, Cli]:
+    """A store with layer `base` (one file), clone `work` on it and view `look`."""
+    driver = request.param
+    run = on_driver(cli, driver)
+    run("clone", "b0", check=True)
+    target = tmp_path / "fill"
+    target.mkdir()
+    run("mount", "b0", str(target), check=True)
+    (target / "hello").write_text("world\n")
+    run("umount", str(target), check=True)
+    run("snapshot", "b0", "base", check=True)
+    run("clone", "work", "--from", "base", check=True)
+    run("view", "look", "--from", "base", check=True)
+    return driver, run
+
+
+def bad_inputs(driver: str, tmp: Path) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """(argv, words the error must contain) for each kind of bad input."""
+    return [
+        (("clone", "x", "--driver", "nope"), ("nope", "minifs drivers")),
+        (("gc", "--driver", "nope"), ("nope",)),
+        (("inspect", "nosuch"), ("nosuch",)),
+        (("rm", "nosuch"), ("nosuch",)),
+        (("usage", "nosuch"), ("nosuch",)),
+        (("mount", "nosuch", str(tmp)), ("nosuch",)),
+        (("mount", "work", str(tmp / "absent")), ("absent",)),
+        (("clone", "work"), ("work", "taken")),
+        (("clone", "base", "--from", "base"), ("base", "taken")),
+        (("view", "look", "--from", "base"), ("look", "taken")),
+        (("snapshot", "work", "base"), ("base", "taken")),
+        (("clone", "bad/name"), ("bad/name",)),
+        (("clone", "x" * 256), ("invalid name",)),
+        (("clone", ".hidden"), (".hidden",)),
+        (("snapshot", "work", "no space"), ("no space",)),
+        (("rm", "base"), ("base", "child")),
+        (("clone", "x", "--from", "nosuch"), ("nosuch",)),
+        (("clone", "x", "--from", "work"), ("work", "not a layer")),
+        (("view", "x", "--from", "look"), ("look", "not a layer")),
+        (("snapshot", "base", "l2"), ("base",)),
+        (("snapshot", "look", "l2"), ("look",)),
+        (("umount", str(tmp)), ("not mounted by minifs",)),
+        (("--storage-opt", "nodriver=1", "clone", "x"), ("nodriver",)),
+        (("--storage-opt", "novalue", "clone", "x"), ("novalue",)),
+        (("--storage-opt", f"{driver}.nosuch=1", "clone", "x"), ("nosuch",)),
+        (("ls", "--filter", "bogus"), ("bogus",)),
+        (("ls", "--filter", "size=3"), ("size=3",)),
+        (("clone", "x", "--label", "novalue"), ("novalue",)),
+    ]
+
+
+def test_bad_input_is_one_line_and_changes_nothing(populated, root: Path, tmp_path: Path):
+    driver, run = populated
+    before = fingerprint(root)
+    for argv, words in bad_inputs(driver, tmp_path):
+        done = run(*argv)
+        assert_user_error(done, *words)
+        assert fingerprint(root) == before, f"minifs {' '.join(argv)} changed the state dir"
+
+
+def test_unknown_driver_creates_nothing(cli: Cli, root: Path):
+    assert_user_error(cli("clone", "x", "--driver", "nope"), "nope")
+    assert not root.exists()
+
+
+def test_umount_leaves_foreign_mounts_alone(cli: Cli, root: Path, tmp_path: Path):
+    cli("clone", "a", check=True)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    linux.mount("tmpfs", foreign, "tmpfs", 0, "size=1M")
+    try:
+        before = fingerprint(root)
+        assert_user_error(cli("umount", str(foreign)), "not mounted by minifs")
+        assert linux.is_mountpoint(foreign)
+        assert fingerprint(root) == before
+    finally:
+        linux.umount(foreign)
+
+
+@pytest.mark.parametrize("driver", driver_params())
+def test_state_dir_not_writable(driver: str, cli: Cli, tmp_path: Path):
+    cli = on_driver(cli, driver)
+    under_file = tmp_path / "plain-file"
+    under_file.write_text("")
+    assert_user_error(cli("--root", str(under_file / "state"), "clone", "x"), "--root")
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    linux.mount("tmpfs", ro, "tmpfs", linux.MS_RDONLY, "size=1M")
+    try:
+        assert_user_error(cli("--root", str(ro / "state"), "clone", "x"), "Read-only")
+    finally:
+        linux.umount(ro)
+
+    # A working store whose filesystem turns read-only later: refused, not half-changed.
+    linux.mount("tmpfs", ro, "tmpfs", 0, "size=64M")
+    try:
+        state = ro / "state"
+        cli("--root", str(state), "clone", "base", check=True)
+        before = fingerprint(state)
+        linux.mount("none", ro, None, linux.MS_REMOUNT | linux.MS_RDONLY)
+        for argv in (("clone", "x"), ("rm", "base"), ("inspect", "base")):
+            assert_user_error(cli("--root", str(state), *argv), "Read-only")
+        linux.mount("none", ro, None, linux.MS_REMOUNT)
+        assert fingerprint(state) == before
+    finally:
+        linux.umount(ro)
+
+
+def test_read_only_state_dir_listing(cli: Cli, tmp_path: Path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    linux.mount("tmpfs", ro, "tmpfs", 0, "size=64M")
+    try:
+        state = ro / "state"
+        cli("--root", str(state), "clone", "base", env={"MINIFS_DRIVER": "vfs"}, check=True)
+        linux.mount("none", ro, None, linux.MS_REMOUNT | linux.MS_RDONLY)
+        for argv in (("ls",), ("umount", str(tmp_path))):
+            assert_user_error(cli("--root", str(state), *argv), str(state))
+    finally:
+        linux.umount(ro)
+
+
+@pytest.mark.parametrize("driver", driver_params())
+def test_happy_path(driver: str, cli: Cli, root: Path, tmp_path: Path):
+    cli = on_driver(cli, driver)
+    target = tmp_path / "mnt"
+    target.mkdir()
+
+    cli("clone", "base", check=True)
+    assert cli("mount", "base", str(target), check=True).stdout.strip() == str(target)
+    (target / "hello").write_text("world\n")
+    inspected = json.loads(cli("inspect", "base", "--json", check=True).stdout)
+    assert inspected["kind"] == "clone" and inspected["mounted_at"] == [str(target)]
+    assert inspected["mounts"] and {"type", "source", "target", "options"} <= set(
+        inspected["mounts"][0]
+    )
+    cli("umount", str(target), check=True)
+    assert not linux.is_mountpoint(target)
+
+    cli("snapshot", "base", "v1", "--label", "role=base", check=True)
+    cli("clone", "web", "--from", "v1", check=True)
+    cli("mount", "web", str(target), check=True)
+    try:
+        assert (target / "hello").read_text() == "world\n"
+        (target / "hello").write_text("changed\n")
+        inspected = json.loads(cli("inspect", "web", "--json", check=True).stdout)
+        assert inspected["parent"] == "v1" and inspected["mounted_at"] == [str(target)]
+        # A mounted clone is not removed from under its mount.
+        assert_user_error(cli("rm", "web"), "umount")
+    finally:
+        cli("umount", str(target), check=True)
+
+    listed = json.loads(cli("ls", "--json", check=True).stdout)
+    assert [(i["name"], i["kind"], i["parent"]) for i in listed] == [
+        ("v1", "layer", None),
+        ("web", "clone", "v1"),
+    ]
+    assert listed[0]["labels"] == {"role": "base"}
+    layers = json.loads(cli("ls", "--json", "--filter", "kind=layer", check=True).stdout)
+    assert [i["name"] for i in layers] == ["v1"]
+
+    usage = json.loads(cli("usage", "v1", "--json", check=True).stdout)
+    assert usage["name"] == "v1" and usage["size"] > 0 and usage["inodes"] >= 1
+    inspected = json.loads(cli("inspect", "v1", "--json", check=True).stdout)
+    assert inspected["mounted_at"] == []
+
+    assert cli("rm", "web", "v1", check=True).stdout.split() == ["web", "v1"]
+    assert json.loads(cli("ls", "--json", check=True).stdout) == []
+
+
+def test_drivers_json(cli: Cli):
+    entries = json.loads(cli("drivers", "--json", check=True).stdout)
+    names = [e["name"] for e in entries]
+    assert {"vfs", "overlay2"} <= set(names)
+    for entry in entries:
+        assert entry["kind"] in ("copy", "cow", "row")
+        assert isinstance(entry["available"], bool)
+        assert entry["reason"] is None if entry["available"] else isinstance(entry["reason"], str)
+        assert isinstance(entry["backend"], str) and entry["backend"]
+        assert entry["version"] is None or isinstance(entry["version"], str)
+    kinds = {e["name"]: e["kind"] for e in entries}
+    assert kinds["vfs"] == "copy" and kinds["overlay2"] == "cow"
+
+
+def test_root_option_beats_env(cli: Cli, tmp_path: Path):
+    from_env, from_option = tmp_path / "env-root", tmp_path / "option-root"
+    env = {"MINIFS_ROOT": str(from_env), "MINIFS_DRIVER": "vfs"}
+    cli("--root", str(from_option), "clone", "a", env=env, check=True)
+    cli("clone", "b", env=env, check=True)
+
+    def names(*root_args: str) -> list[str]:
+        done = cli(*root_args, "ls", "--json", env=env, check=True)
+        return [i["name"] for i in json.loads(done.stdout)]
+
+    assert names("--root", str(from_option)) == ["a"]
+    assert names() == ["b"]
+    for root in (from_env, from_option):
+        cli("--root", str(root), "rm", *names("--root", str(root)), env=env, check=True)
+
+
+def test_help():
+    done = subprocess.run([MINIFS, "--help"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and not done.stderr
+    assert done.stdout.startswith("usage: minifs")
+    for command in ("clone", "snapshot", "mount", "umount", "gc", "down", "drivers"):
+        assert command in done.stdout
