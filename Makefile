@@ -5,10 +5,10 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc e2fsprogs util-linux coreutils attr \
-	kmod busybox-static
+	kmod busybox-static podman runc
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test bench lint clean
+.PHONY: setup test bench bench-micro lint clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ test: setup lint
 
 bench: setup
 	$(VENV)/bin/minifs bench --driver overlay2 --layers 50
+
+# Micro-benchmarks of the core operations (pytest-benchmark); not part of `make test`.
+bench-micro: setup
+	$(VENV)/bin/pytest -p no:cacheprovider bench/test_micro.py --benchmark-only \
+		--benchmark-columns=min,median,max,rounds
 
 clean:
 	rm -rf $(VENV) build *.egg-info

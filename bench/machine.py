@@ -1,0 +1,87 @@
+"""What the results were measured on: the machine, and each driver's backend.
+
+Recorded in every results file, because a number without its kernel, CPU,
+memory and backing filesystem cannot be compared with another.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from minifs.plugins import registered
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def filesystem_of(path: Path) -> dict[str, str]:
+    """The mount holding `path`: its type, source and mount point."""
+    wanted = os.path.realpath(path)
+    best = {"type": "unknown", "source": "", "mountpoint": ""}
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            # mountinfo escapes space, tab, newline and backslash as octal.
+            target = fields[4].encode("latin-1").decode("unicode_escape")
+            after = fields[fields.index("-") + 1 :]
+            inside = wanted == target or wanted.startswith(target.rstrip("/") + "/")
+            if inside and len(target) >= len(best["mountpoint"]):
+                best = {"type": after[0], "source": after[1], "mountpoint": target}
+    return best
+
+
+def machine_info(bench_root: Path) -> dict[str, object]:
+    try:
+        minifs_version = version("minifs")
+    except PackageNotFoundError:
+        minifs_version = "unknown"
+    return {
+        "kernel": platform.release(),
+        "kernel_build": platform.version(),
+        "arch": platform.machine(),
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "memory_bytes": _memory_bytes(),
+        "load_average": os.getloadavg(),
+        "python": sys.version.split()[0],
+        "minifs": minifs_version,
+        "bench_images_on": filesystem_of(bench_root),
+    }
+
+
+def driver_info(name: str) -> dict[str, object]:
+    reg = registered()[name]
+    cls = reg.driver
+    return {
+        "name": name,
+        "kind": cls.kind.value,
+        "backend": cls.backend,
+        "version": cls.version(),
+        "max_depth": cls.max_depth,
+        "disk_filesystem": cls.disk_filesystem,
+        "plugin": reg.plugin,
+        "plugin_version": reg.plugin_version,
+    }

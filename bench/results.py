@@ -1,0 +1,76 @@
+"""The results file: versioned JSON with every raw sample, the settings and the
+machine, written atomically so a reader never sees half a file.
+
+Schema `minifs-bench` version 1, top level:
+  schema, schema_version, partial, interrupted, errors, command, started_at,
+  finished_at, wall_seconds, settings, machine, skipped (drivers that cannot
+  run here, with the reason), drivers: {name: {driver, disk, phases_seconds,
+  wall_seconds, errors, metrics: {latency|amplification|lookup|footprint:
+  {status, definitions, ...raw samples and summaries...}}}}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+SCHEMA = "minifs-bench"
+SCHEMA_VERSION = 1
+
+
+def new_document(settings: dict, machine: dict, command: list[str]) -> dict:
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "partial": False,
+        "interrupted": False,
+        "errors": [],
+        "command": command,
+        "started_at": _iso(time.time()),
+        "finished_at": None,
+        "wall_seconds": None,
+        "settings": settings,
+        "machine": machine,
+        "skipped": {},
+        "drivers": {},
+    }
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(seconds))
+
+
+def finish(doc: dict, wall_seconds: float) -> None:
+    doc["finished_at"] = _iso(time.time())
+    doc["wall_seconds"] = wall_seconds
+
+
+def default_path(label: str, when: float) -> Path:
+    return Path("results") / f"{label}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(when))}.json"
+
+
+def save(doc: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"cannot store {type(value).__name__} in results")
+
+
+def load(path: Path) -> dict:
+    """Read a results file, refusing one of another schema or a newer version."""
+    doc = json.loads(Path(path).read_text())
+    if doc.get("schema") != SCHEMA:
+        raise ValueError(f"{path} is not a minifs bench result")
+    if doc.get("schema_version", 0) > SCHEMA_VERSION:
+        raise ValueError(f"{path} has schema version {doc['schema_version']}; upgrade minifs")
+    return doc

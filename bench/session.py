@@ -1,0 +1,203 @@
+"""One driver's bench session: its Storage on its own disk, and the layers the
+metrics share (the image, and the empty-layer chain stacked on it).
+
+Everything goes through the core API users have (`Storage` for snapshots,
+`mounter` for mounts): a driver hands back mount records and the bench mounts
+them itself, so prepare, mount, write and commit are timed apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from minifs import linux, mounter
+from minifs.model import Mount
+from minifs.plugins import get_driver
+from minifs.state import StateDir
+from minifs.storage import Storage
+from minifs_bench.content import write_image
+from minifs_bench.disk import BenchDisk
+from minifs_bench.probes import FsCounts, WriteCounter, WriteMeter, elapsed_ms, fs_counts
+
+IMAGE = "image"
+"""The bottom layer every clone-based metric stands on."""
+
+
+class Progress(Protocol):
+    """Where a metric reports its steps; the runner draws them as a bar."""
+
+    def step(self, text: str) -> None: ...
+
+    def advance(self, steps: int = 1) -> None: ...
+
+
+@dataclass
+class LayerRecord:
+    """What making one layer of the chain cost."""
+
+    depth: int
+    name: str
+    clone_ms: float
+    commit_ms: float
+
+
+@dataclass
+class Session:
+    driver: str
+    storage: Storage
+    disk: BenchDisk
+    workdir: Path
+    runs: int
+    progress: Progress
+    chain: list[LayerRecord] = field(default_factory=list)
+    _names: Iterator[int] = field(default_factory=itertools.count)
+    _records: dict[Path, list[Mount]] = field(default_factory=dict)
+
+    def meter(self) -> WriteMeter:
+        """Counts what the bench disk's block device receives."""
+        return WriteMeter(WriteCounter(self.disk.device), self.sync)
+
+    @property
+    def fs(self) -> Path:
+        """The bench disk's filesystem: statvfs and syncfs go there."""
+        if self.disk.mountpoint is None:
+            raise AssertionError("the bench disk has no filesystem mounted")
+        return self.disk.mountpoint
+
+    @property
+    def sync(self) -> list[Path]:
+        return [self.fs]
+
+    def counts(self) -> FsCounts:
+        return fs_counts(self.fs)
+
+    def name(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._names)}"
+
+    def target(self) -> Path:
+        """A fresh empty directory to mount on, outside the bench disk."""
+        path = self.workdir / "mnt" / str(next(self._names))
+        path.mkdir(parents=True)
+        return path
+
+    # -- mounting through the records the driver returns -----------------------
+
+    @staticmethod
+    def unmount(records: list[Mount], target: Path) -> None:
+        for _ in records:
+            mounter.unmount(target)
+
+    @contextlib.contextmanager
+    def mounted(self, name: str) -> Iterator[Path]:
+        """Mount `name`'s records on a fresh directory for the block's duration.
+
+        When the block fails (Ctrl-C included) a file it left open may keep the
+        mount busy; it is then detached lazily so the original error, not a
+        "busy", is what the user sees, and the mount goes once the file closes.
+        """
+        target = self.target()
+        records = self.storage.mounts(name)
+        mounter.mount_all(records, target)
+        self._records[target] = records
+        try:
+            yield target
+        except BaseException:
+            for _ in records:
+                with contextlib.suppress(OSError):
+                    linux.umount(target, linux.MNT_DETACH)
+            raise
+        finally:
+            del self._records[target]
+        self.unmount(records, target)
+        target.rmdir()
+
+    def remount(self, target: Path) -> None:
+        """Unmount and mount again, so what is read next comes from the driver's
+        store and not from the mount's own caches."""
+        records = self._records[target]
+        self.unmount(records, target)
+        mounter.mount_all(records, target)
+
+    # -- layers ------------------------------------------------------------------
+
+    def make_layer(
+        self, name: str, parent: str | None, populate: Callable[[Path], None] | None = None
+    ) -> tuple[float, float]:
+        """Clone `parent`, fill it (if asked), commit it as `name`; returns the
+        clone and commit times in ms."""
+        clone = self.name(f"{name}-work")
+        start = time.perf_counter_ns()
+        self.storage.clone(clone, parent)
+        clone_ms = elapsed_ms(start)
+        if populate is not None:
+            with self.mounted(clone) as path:
+                populate(path)
+        start = time.perf_counter_ns()
+        self.storage.snapshot(clone, name)
+        return clone_ms, elapsed_ms(start)
+
+    def build_image(self) -> None:
+        """The bottom layer of the chain: an image of many small files."""
+        self.chain.append(LayerRecord(1, IMAGE, *self.make_layer(IMAGE, None, write_image)))
+
+    def build_chain(self, layers: int) -> None:
+        """Stack empty layers on the image until the chain is `layers` deep,
+        recording how long each clone and commit took."""
+        parent = IMAGE
+        for depth in range(2, layers + 1):
+            name = self.layer_at(depth)
+            clone_ms, commit_ms = self.make_layer(name, parent)
+            self.chain.append(LayerRecord(depth, name, clone_ms, commit_ms))
+            parent = name
+            self.progress.advance()
+
+    def layer_at(self, depth: int) -> str:
+        """The layer whose chain is `depth` layers deep (1 is the image itself)."""
+        return IMAGE if depth == 1 else f"layer{depth}"
+
+    def stray_mounts(self) -> list[str]:
+        prefix = str(self.workdir / "mnt") + "/"
+        return [t for t in linux.mount_targets() if t.startswith(prefix)]
+
+
+def open_on_disk(
+    driver: str, workdir: Path, disk_name: str, size: int
+) -> tuple[BenchDisk, Storage]:
+    """A fresh disk and a Storage whose driver lives on it alone.
+
+    A driver that formats its disk gets the filesystem mounted as its home;
+    one that takes a raw device (a zpool, a thin pool) gets it as its `device`
+    option. The metadata store stays off the disk, so the disk's counters see
+    the driver's work and nothing else.
+    """
+    cls = get_driver(driver)
+    disk = BenchDisk(workdir, disk_name, size, cls.disk_filesystem)
+    state = workdir / f"{disk_name}-state"
+    try:
+        disk.up(StateDir(state).home(driver) if cls.disk_filesystem else None)
+        options = {"device": disk.device} if cls.disk_filesystem is None else {}
+        return disk, Storage(driver, state, options)
+    except BaseException:
+        disk.down()
+        raise
+
+
+def close_on_disk(storage: Storage, disk: BenchDisk, workdir: Path) -> None:
+    """Undo `open_on_disk`: mounts left under `workdir`, the driver's backend, the disk."""
+    prefix = str(workdir) + "/"
+    skip = {str(disk.mountpoint)} if disk.mountpoint else set()
+    for target in sorted(linux.mount_targets(), key=len, reverse=True):
+        if target.startswith(prefix) and target not in skip:
+            with contextlib.suppress(OSError):
+                linux.umount(target, linux.MNT_DETACH)
+    try:
+        storage.down()
+    finally:
+        storage.close()
+    disk.down()
