@@ -30,8 +30,6 @@ class StateDir:
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         self.root = resolve_root(root)
-        self._lock_fd: int | None = None
-        self._lock_depth = 0
 
     @property
     def db_path(self) -> Path:
@@ -63,19 +61,33 @@ class StateDir:
     def locked(self) -> Iterator[None]:
         """Hold the state dir's exclusive lock; re-entrant within one process.
 
+        The hold is shared by every StateDir of this process on the same root:
+        flock on a second descriptor would block on the first, so two Storage
+        objects (say overlay2 and vfs during an image rm) could deadlock.
         flock is released by the kernel when a process dies, so a SIGKILL never
         leaves the store locked; rows it left half-done are recovered by the
         next holder (see Storage.recover).
         """
-        if self._lock_depth == 0:
+        held = _HELD.setdefault(self.root, _Hold())
+        if held.depth == 0:
             fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)
-            self._lock_fd = fd
-        self._lock_depth += 1
+            held.fd = fd
+        held.depth += 1
         try:
             yield
         finally:
-            self._lock_depth -= 1
-            if self._lock_depth == 0 and self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+            held.depth -= 1
+            if held.depth == 0:
+                os.close(held.fd)
+                held.fd = -1
+
+
+class _Hold:
+    """One process's hold on one state dir's lock."""
+
+    fd = -1
+    depth = 0
+
+
+_HELD: dict[Path, _Hold] = {}

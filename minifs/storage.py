@@ -229,7 +229,9 @@ class Storage:
             failpoints.hit("snapshot:after-intent")
             self.driver.commit(info.id, self.store.chain(info.parent_id))
             failpoints.hit("snapshot:after-driver")
-            self.store.finish_commit(info.id, layer, {**info.labels, **(labels or {})})
+            merged = {**info.labels, **(labels or {})}
+            merged.pop(TRANSIENT_LABEL, None)  # the layer outlives the operation
+            self.store.finish_commit(info.id, layer, {k: v for k, v in merged.items() if v})
             if keep:
                 self.clone(clone, layer, info.labels)
             return self.stat(layer)

@@ -1,0 +1,111 @@
+"""Layer tars on named snapshots of any driver.
+
+A driver with an overlay diff dir (`Driver.diff_dir`) is written and read
+there directly, in overlayfs's whiteout form. Any other driver holds full
+trees: its snapshot is mounted (through its own mount records and the shared
+mounter, in a private directory under the state dir, unmounted after) and gets
+real deletes; a diff compares it with its parent layer mounted read-only.
+Everything runs under the state lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from minifs import linux, mounter
+from minifs.errors import InUse, InvalidArgument
+from minifs.layers.apply import LayerStats, apply_layer
+from minifs.layers.diff import DiffStats, write_diff
+from minifs.model import Info, Kind
+from minifs.storage import Storage
+
+
+def scratch_dir(storage: Storage) -> Path:
+    """Where spools and private mount points go: under the state dir, on its disk."""
+    path = storage.state.root / "tmp"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def mounted(storage: Storage, info: Info) -> Iterator[Path]:
+    """`info` mounted by its own records in a private directory, for this block only."""
+    records = storage.driver.mounts(info.id, info.kind, storage.store.chain(info.parent_id))
+    where = Path(tempfile.mkdtemp(prefix=f"mnt-{info.id[:12]}-", dir=scratch_dir(storage)))
+    try:
+        mounter.mount_all(records, where)
+        try:
+            yield where
+        finally:
+            for _ in records:
+                mounter.unmount(where)
+    finally:
+        with contextlib.suppress(OSError):
+            where.rmdir()
+
+
+def _refuse_mounted(storage: Storage, info: Info) -> None:
+    live = [t for t in storage.store.mounts_of(info.id) if linux.is_mountpoint(t)]
+    if live:
+        raise InUse(
+            f"{info.name} is mounted at {live[0]}; run 'minifs umount {live[0]}' "
+            "before applying a layer to it"
+        )
+
+
+def apply_to(
+    storage: Storage,
+    name: str,
+    source: str | os.PathLike[str] | BinaryIO,
+    *,
+    expected_diff_id: str | None = None,
+    allow_devices: bool = True,
+    limit: int | None = None,
+) -> LayerStats:
+    """Apply a layer tar to clone `name`; a refused layer leaves it untouched."""
+    with storage.changing():
+        info = storage.stat(name)
+        if info.kind is not Kind.CLONE:
+            raise InvalidArgument(
+                f"{name} is a {info.kind.value}; layers can only be applied to a clone"
+            )
+        _refuse_mounted(storage, info)
+        options = {
+            "expected_diff_id": expected_diff_id,
+            "allow_devices": allow_devices,
+            "limit": limit,
+            "spool_dir": scratch_dir(storage),
+        }
+        diff = storage.driver.diff_dir(info.id)
+        if diff is not None:
+            lowers = [storage.driver.diff_dir(p) for p in storage.store.chain(info.parent_id)]
+            return apply_layer(
+                source,
+                diff,
+                overlay=True,
+                lowers=[p for p in lowers if p is not None],
+                **options,  # type: ignore[arg-type]
+            )
+        with mounted(storage, info) as root:
+            return apply_layer(source, root, **options)  # type: ignore[arg-type]
+
+
+def diff_of(storage: Storage, name: str, out: BinaryIO) -> DiffStats:
+    """Write the layer tar of what clone or layer `name` changed over its parent."""
+    with storage.changing():
+        info = storage.stat(name)
+        if info.kind is Kind.VIEW:
+            raise InvalidArgument(f"{name} is a view; it changes nothing, so it has no diff")
+        diff = storage.driver.diff_dir(info.id)
+        if diff is not None:
+            return write_diff(out, diff, overlay=True)
+        parent = storage.store.get_id(info.parent_id) if info.parent_id else None
+        with contextlib.ExitStack() as stack:
+            new_root = stack.enter_context(mounted(storage, info))
+            old_root = stack.enter_context(mounted(storage, parent)) if parent else None
+            return write_diff(out, new_root, old_root)
