@@ -45,7 +45,10 @@ def process_start_time(pid: int) -> int | None:
             stat = f.read()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None  # exited, only not reaped yet
+    return int(fields[19])
 
 
 def loop_backing_file(device: str) -> str | None:

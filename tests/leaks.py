@@ -4,11 +4,14 @@ Everything a test makes lives under the pytest session's base temp dir, so a
 leak is a mount whose target is under it, a loop device whose backing file is
 under it, or a process whose MINIFS_OWNER points under it. Scoping by that dir
 keeps the check exact even while other minifs sessions run on the machine.
+What containers make outside any directory (cgroups, network namespaces)
+carries a tag derived from that dir instead (`session_tag`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import subprocess
@@ -57,6 +60,8 @@ def snapshot(scope: Path) -> dict[str, set]:
         "mounts": mounts_under(scope),
         "loop devices": loops_under(scope),
         "processes": processes_under(scope),
+        "cgroups": cgroups_under(scope),
+        "network namespaces": netns_under(scope),
     }
 
 
@@ -70,3 +75,50 @@ def clean(leaked: dict[str, set]) -> None:
             linux.umount(target, linux.MNT_DETACH)
     for device in leaked.get("loop devices", ()):
         subprocess.run(["losetup", "--detach", device], check=False, capture_output=True)
+    for path in sorted(leaked.get("cgroups", ()), key=len, reverse=True):
+        with contextlib.suppress(OSError):
+            for pid in Path(path, "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            os.rmdir(path)
+    for name in leaked.get("network namespaces", ()):
+        subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
+
+
+# -- what containers leave outside the basetemp ------------------------------------
+
+
+def session_tag(scope: Path) -> str:
+    """A short tag unique to one pytest session (its basetemp), for the names
+    tests give things that cannot live under it: cgroups, network namespaces."""
+    return hashlib.sha1(str(scope).encode()).hexdigest()[:8]
+
+
+def cgroup_parent(scope: Path) -> str:
+    """What tests set MINIFS_CGROUP_PARENT to, so their containers' cgroups
+    are told apart from every other session's."""
+    return f"minifs-test-{session_tag(scope)}"
+
+
+def netns_prefix(scope: Path) -> str:
+    """The prefix of every network namespace a test makes with `ip netns add`."""
+    return f"mfs{session_tag(scope)}-"
+
+
+def cgroups_under(scope: Path) -> set[str]:
+    from minifs.container.cgroups import parent_dirs
+
+    found = set()
+    for _, parent, _ in parent_dirs(cgroup_parent(scope))[1].values():
+        for top, dirs, _ in os.walk(parent):
+            found.add(top)
+            found.update(os.path.join(top, d) for d in dirs)
+    return found
+
+
+def netns_under(scope: Path) -> set[str]:
+    prefix = netns_prefix(scope)
+    try:
+        return {n for n in os.listdir("/run/netns") if n.startswith(prefix)}
+    except FileNotFoundError:
+        return set()

@@ -1,0 +1,25 @@
+"""The container launcher: the seed's hand-built container as a program.
+
+`minifs run` clones an image's layer on any driver and starts a command in it
+as PID 1 of new pid, mount, uts, ipc, net and cgroup namespaces, in the order
+the seed walks through by hand (see `launch.py`): clone, cgroup, fork, unshare,
+fork, veth, pivot_root, mount proc, hostname, exec. `manage.py` holds what acts
+on a running or stopped container (ps, stop, exec, logs, rm).
+
+Importing this package is cheap; every module imports what it needs itself, so
+`minifs --help` never pays for pyroute2.
+"""
+
+from __future__ import annotations
+
+from minifs.errors import MinifsError
+
+
+class ContainerError(MinifsError):
+    """A container could not be created or started (bad image, limit, name...).
+
+    Exit code 125, as docker uses for its own errors, so a script can tell
+    "minifs failed" from "the command in the container failed".
+    """
+
+    exit_code = 125

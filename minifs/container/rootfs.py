@@ -1,0 +1,154 @@
+"""The container's root filesystem, set up by PID 1 inside its own mount namespace.
+
+Each function is one step of the seed's walkthrough and returns what it did in
+the seed's words, for `--trace`. They run after `unshare(CLONE_NEWNS)` and in
+the new pid namespace (a /proc mount shows the pid namespace of whoever mounts
+it), so nothing here is visible on the host and nothing needs unmounting
+there: the mounts die with the namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+from minifs import linux, mounter
+from minifs.model import Mount
+
+OLD_ROOT = ".oldroot"
+
+_DEVICES = (
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+)
+_DEV_LINKS = (
+    ("ptmx", "pts/ptmx"),
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+)
+_NOSUID_NODEV_NOEXEC = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+
+
+def make_private() -> str:
+    """Stop our mounts from propagating to the host (and the host's to us):
+    pivot_root also refuses a shared new root."""
+    linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    return "mount --make-rprivate /"
+
+
+def mount_clone(records: Sequence[Mount], rootfs: Path) -> str:
+    """Mount the clone's records on `rootfs`, then bind it on itself so it is a
+    mount point of its own whatever the records were (pivot_root needs one)."""
+    mounter.mount_all(records, rootfs)
+    linux.mount(str(rootfs), rootfs, None, linux.MS_BIND | linux.MS_REC)
+    kinds = ", ".join(sorted({r.type for r in records}))
+    return f"mount {kinds} {rootfs}"
+
+
+def pivot_root(rootfs: Path) -> str:
+    """The seed's `cd rootfs; mkdir oldroot; pivot_root . oldroot` (never chroot:
+    a chrooted process can climb out; a pivoted one has no old root to climb to)."""
+    old = rootfs / OLD_ROOT
+    old.mkdir(exist_ok=True)
+    os.chdir(rootfs)
+    linux.pivot_root(".", OLD_ROOT)
+    os.chdir("/")
+    return f"cd {rootfs}; pivot_root . {OLD_ROOT}"
+
+
+def mount_proc() -> str:
+    """A /proc of the new pid namespace: `ps` inside shows PID 1 and no host pids."""
+    os.makedirs("/proc", exist_ok=True)
+    linux.mount("proc", "/proc", "proc", _NOSUID_NODEV_NOEXEC)
+    return "mount -t proc proc /proc"
+
+
+def drop_old_root() -> str:
+    """`umount -l /oldroot`: after this no path leads to the host's filesystem."""
+    linux.umount(f"/{OLD_ROOT}", linux.MNT_DETACH)
+    os.rmdir(f"/{OLD_ROOT}")
+    return f"umount -l /{OLD_ROOT}; rmdir /{OLD_ROOT}"
+
+
+def mount_dev() -> str:
+    """A minimal /dev on tmpfs: the six character devices programs expect,
+    a private devpts instance and /dev/shm, never the host's devices."""
+    os.makedirs("/dev", exist_ok=True)
+    linux.mount("tmpfs", "/dev", "tmpfs", linux.MS_NOSUID, "mode=755,size=65536k")
+    for name, major, minor in _DEVICES:
+        path = f"/dev/{name}"
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+        os.chmod(path, 0o666)  # mknod applies the umask
+    for name, target in _DEV_LINKS:
+        os.symlink(target, f"/dev/{name}")
+    os.mkdir("/dev/pts")
+    linux.mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        linux.MS_NOSUID | linux.MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
+    )
+    os.mkdir("/dev/shm")
+    linux.mount("shm", "/dev/shm", "tmpfs", _NOSUID_NODEV_NOEXEC, "mode=1777,size=65536k")
+    return "mount -t tmpfs tmpfs /dev; mknod null zero full random urandom tty; devpts; shm"
+
+
+def mount_sys() -> str:
+    """sysfs read-only: tools may read it, nobody inside may change the host."""
+    os.makedirs("/sys", exist_ok=True)
+    linux.mount("sysfs", "/sys", "sysfs", _NOSUID_NODEV_NOEXEC | linux.MS_RDONLY)
+    return "mount -t sysfs -o ro sysfs /sys"
+
+
+def _replace(path: str, text: str) -> None:
+    """Write a file the image may hold as a symlink pointing anywhere."""
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.islink(path):
+            os.unlink(path)
+    Path(path).write_text(text)
+
+
+def write_etc(hostname: str, ip: str | None, resolv_conf: str) -> str:
+    """/etc/hostname, /etc/hosts and /etc/resolv.conf, as docker writes them."""
+    os.makedirs("/etc", exist_ok=True)
+    _replace("/etc/hostname", f"{hostname}\n")
+    own = f"{ip}\t{hostname}\n" if ip else f"127.0.1.1\t{hostname}\n"
+    _replace("/etc/hosts", f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n{own}")
+    _replace("/etc/resolv.conf", resolv_conf)
+    return "write /etc/hostname /etc/hosts /etc/resolv.conf"
+
+
+def host_resolv_conf() -> str:
+    """The host's resolvers minus loopback ones, which mean nothing in another netns."""
+    try:
+        lines = Path("/etc/resolv.conf").read_text().splitlines()
+    except OSError:
+        return ""
+    kept = [
+        line
+        for line in lines
+        if line.strip()
+        and not line.startswith("#")
+        and not (line.startswith("nameserver") and _loopback(line.split()[1:2]))
+    ]
+    return "\n".join(kept) + "\n" if kept else ""
+
+
+def _loopback(words: list[str]) -> bool:
+    return bool(words) and (words[0].startswith("127.") or words[0] == "::1")
+
+
+def set_hostname(hostname: str) -> str:
+    """`hostname tuna`: the uts namespace was copied from the host's, so set ours."""
+    linux.sethostname(hostname)
+    return f"hostname {hostname}"

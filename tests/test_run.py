@@ -1,0 +1,317 @@
+"""`minifs run` end to end, as root, through the installed command: the seed's
+hand-built container (namespaces, pivot_root, /proc, hostname, cgroup limits
+checked with a busy loop and an allocation) on every available driver.
+
+One state dir per module holds the busybox image, unpacked on every driver up
+front, so each test pays only for its containers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from minifs.errors import MinifsError
+from minifs.images import ensure_busybox, resolve_layer
+from minifs.plugins import registered
+from minifs.storage import Storage
+from tests import leaks
+from tests.conftest import MINIFS, driver_params
+
+Run = Callable[..., subprocess.CompletedProcess]
+
+
+def available_drivers() -> list[str]:
+    """The drivers driver_params() will not skip."""
+    wanted = os.environ.get("MINIFS_TEST_DRIVERS")
+    found = []
+    for name, reg in sorted(registered().items()):
+        if wanted and name not in wanted.split(","):
+            continue
+        try:
+            reg.driver.probe()
+        except MinifsError:
+            continue
+        found.append(name)
+    return found
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A state dir with busybox unpacked on every driver that runs here."""
+    root = tmp_path_factory.mktemp("containers") / "state"
+    ref = ensure_busybox(root)
+    drivers = available_drivers()
+    for driver in drivers:
+        with Storage(driver, root) as storage:
+            resolve_layer(storage, ref)
+    yield root
+    for driver in drivers:
+        with Storage(driver, root) as storage:
+            storage.down()
+
+
+@pytest.fixture
+def env(state: Path, scope: Path, tmp_path: Path) -> dict[str, str]:
+    """minifs's environment: this module's state dir, this session's cgroup
+    parent, and MINIFS_OWNER so a leaked monitor process is found."""
+    return {
+        **os.environ,
+        "MINIFS_ROOT": str(state),
+        "MINIFS_CGROUP_PARENT": leaks.cgroup_parent(scope),
+        "MINIFS_OWNER": str(tmp_path),
+    }
+
+
+@pytest.fixture
+def minifs(env: dict[str, str]) -> Run:
+    def run(
+        *args: str, timeout: float = 60, prefix: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*prefix, MINIFS, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            check=False,
+        )
+
+    return run
+
+
+def inspect(minifs: Run, name: str) -> dict:
+    done = minifs("inspect", name)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def wait_exited(minifs: Run, name: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        data = inspect(minifs, name)
+        if data["status"] == "exited":
+            return data
+        assert time.monotonic() < deadline, f"{name} still {data['state']}"
+        time.sleep(0.05)
+
+
+def cgroup_dir(data: dict, controller: str) -> Path:
+    """The container's directory for `controller` (its one directory on v2)."""
+    paths = data["cgroup"]["paths"]
+    return Path(paths["unified"] if data["cgroup"]["version"] == 2 else paths[controller])
+
+
+def no_containers_left(minifs: Run, state: Path) -> None:
+    assert json.loads(minifs("ps", "-a", "--json").stdout) == []
+    assert not list((state / "containers").glob("*"))
+    clones = json.loads(minifs("ls", "--json", "-f", "kind=clone").stdout)
+    assert clones == []
+
+
+# -- isolation, on every driver ------------------------------------------------------
+
+ISOLATION_SCRIPT = r"""
+echo "self $$"
+sh -c 'echo "second $$"'
+echo "pids $(ls /proc | grep '^[0-9]' | tr '\n' ' ')"
+echo "pid1 $(tr '\0' ' ' < /proc/1/cmdline)"
+echo "mounts $(cut -d' ' -f5 /proc/self/mountinfo | tr '\n' ' ')"
+echo "hostname $(hostname) $(cat /etc/hostname)"
+test -e /.oldroot && echo "oldroot visible"
+test -e "$HOST_ONLY" && echo "host file visible"
+echo "devices $(ls /dev | tr '\n' ' ')"
+echo "sys $(touch /sys/x 2>&1 | grep -c 'Read-only')"
+exit 7
+"""
+
+
+@pytest.mark.parametrize("driver", driver_params())
+def test_isolation_on_every_driver(driver: str, minifs: Run, state: Path, tmp_path: Path) -> None:
+    host_only = tmp_path / "host-only"
+    host_only.write_text("the container must not see this")
+    host_name = socket.gethostname()
+    done = minifs(
+        "run", "--rm", "--driver", driver, "--hostname", "tuna", "-e", f"HOST_ONLY={host_only}",
+        "busybox", "sh", "-c", ISOLATION_SCRIPT,
+    )  # fmt: skip
+    assert done.returncode == 7, done.stderr
+    out = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
+    # The --fork lesson: the command is PID 1 and the next process gets a pid.
+    assert out["self"] == "1"
+    assert out["second"].isdigit() and int(out["second"]) > 1
+    assert out["pid1"].startswith("sh -c")
+    pids = [int(p) for p in out["pids"].split()]
+    assert max(pids) < 10, f"host pids visible: {pids}"
+    # pivot_root: only the container's own mounts, no old root, no host files.
+    assert set(out["mounts"].split()) == {"/", "/proc", "/dev", "/dev/pts", "/dev/shm", "/sys"}
+    assert "oldroot visible" not in out and "host file visible" not in out
+    assert out["hostname"] == "tuna tuna"
+    assert socket.gethostname() == host_name
+    assert set(out["devices"].split()) >= {"null", "zero", "full", "random", "urandom", "tty"}
+    assert out["sys"] == "1"
+    no_containers_left(minifs, state)
+
+
+def test_trace_names_the_seed_steps(minifs: Run) -> None:
+    done = minifs("run", "--rm", "--trace", "busybox", "true")
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("minifs trace")]
+    wanted = ["clone", "cgroup", "fork", "unshare", "pivot_root", "mount", "hostname", "exec"]
+    assert [s for line in lines if (s := line.split()[2]) in wanted] == [
+        "clone", "cgroup", "fork", "cgroup", "unshare", "fork", "cgroup", "mount", "pivot_root",
+        "mount", "mount", "hostname", "exec",
+    ]  # fmt: skip
+    assert all(" ms " in line for line in done.stderr.splitlines() if "minifs trace" in line)
+
+
+def test_signals_reach_the_container(minifs: Run, env: dict[str, str]) -> None:
+    script = 'trap "echo got TERM; exit 42" TERM; echo ready; while :; do sleep 0.05; done'
+    proc = subprocess.Popen(
+        [MINIFS, "run", "--rm", "busybox", "sh", "-c", script],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 42
+    assert proc.stdout.read().strip() == "got TERM"
+    proc.stdout.close()
+
+
+# -- cgroup limits -------------------------------------------------------------------
+
+
+def test_cpu_limit_holds_a_busy_loop_to_20_percent(minifs: Run) -> None:
+    done = minifs(
+        "run", "-d", "--rm", "--name", "spin", "--cpus", "0.2",
+        "busybox", "sh", "-c", "while :; do :; done",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    try:
+        data = inspect(minifs, "spin")
+        counter = cgroup_dir(data, "cpuacct")
+        read = (
+            (lambda: int((counter / "cpuacct.usage").read_text()))
+            if data["cgroup"]["version"] == 1
+            else (lambda: int((counter / "cpu.stat").read_text().split()[1]) * 1000)
+        )
+        time.sleep(0.3)  # past the first period, which starts with a full quota
+        t0, u0 = time.monotonic(), read()
+        time.sleep(2.0)
+        t1, u1 = time.monotonic(), read()
+        share = (u1 - u0) / ((t1 - t0) * 1e9)
+        assert 0.15 <= share <= 0.25, f"busy loop used {share:.1%} of a core, not 20%"
+    finally:
+        stopped = minifs("stop", "-t", "0", "spin")
+    assert stopped.returncode == 0, stopped.stderr
+
+
+def test_memory_limit_oom_kills_250M_and_lets_150M_through(minifs: Run, state: Path) -> None:
+    # busybox dd mallocs a buffer of bs bytes and reads /dev/zero into it, so
+    # every page of it is touched and charged to the container's cgroup.
+    ok = minifs(
+        "run", "--rm", "--memory", "200M",
+        "busybox", "dd", "if=/dev/zero", "of=/dev/null", "bs=150M", "count=1",
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "1+0 records out" in ok.stderr
+    killed = minifs(
+        "run", "--name", "hog", "--memory", "200M",
+        "busybox", "dd", "if=/dev/zero", "of=/dev/null", "bs=250M", "count=1",
+    )  # fmt: skip
+    assert killed.returncode == 137, killed.stderr
+    assert "OOM-killed" in killed.stderr
+    data = inspect(minifs, "hog")
+    assert data["OOMKilled"] is True and data["exit_code"] == 137
+    assert minifs("rm", "hog").returncode == 0
+    no_containers_left(minifs, state)
+
+
+def test_pids_limit_stops_a_fork_bomb(minifs: Run, state: Path) -> None:
+    # After the bomb PID 1 only runs builtins: a shell that cannot fork exits.
+    bomb = (
+        "bomb() { bomb | bomb & }; bomb; wait; "
+        "i=0; while [ $i -lt 200000 ]; do i=$((i + 1)); done; echo survived"
+    )
+    done = minifs(
+        "run", "-d", "--name", "bomb", "--pids", "32", "--cpus", "0.5", "busybox", "sh", "-c", bomb
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    pids_dir = cgroup_dir(inspect(minifs, "bomb"), "pids")
+    refused = 0
+    deadline = time.monotonic() + 10
+    while refused == 0 and time.monotonic() < deadline:
+        try:
+            events = (pids_dir / "pids.events").read_text().split()
+        except FileNotFoundError:
+            break  # the container already ended
+        refused = int(events[events.index("max") + 1])
+        assert int((pids_dir / "pids.current").read_text()) <= 32
+        time.sleep(0.01)
+    data = wait_exited(minifs, "bomb")
+    log = minifs("logs", "bomb").stdout
+    assert refused > 0 or "can't fork" in log
+    assert data["exit_code"] == 0 and "survived" in log
+    assert minifs("rm", "bomb").returncode == 0
+    no_containers_left(minifs, state)
+
+
+# -- errors: exit 125, one line, nothing left ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["no-such-image", "true"], "no layer or image named"),
+        (["--memory", "1k", "busybox", "true"], "--memory 1k"),
+        (["--cpus", "0", "busybox", "true"], "--cpus 0"),
+        (["busybox", "no-such-command"], "no-such-command: command not found"),
+        (["--net", "none", "--ip", "10.1.1.1", "busybox", "true"], "--ip needs --net bridge"),
+        (["--name", "bad/name", "busybox", "true"], "invalid container name"),
+    ],
+    ids=["unknown-image", "memory-1k", "cpus-0", "no-command", "ip-without-bridge", "bad-name"],
+)
+def test_bad_input_is_125_and_leaves_nothing(
+    minifs: Run, state: Path, args: list[str], words: str
+) -> None:
+    done = minifs("run", "--rm", *args)
+    assert done.returncode == 125, done.stderr
+    assert words in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in done.stderr
+    no_containers_left(minifs, state)
+
+
+def test_name_in_use_is_125(minifs: Run, state: Path) -> None:
+    first = minifs("run", "--name", "taken", "busybox", "true")
+    assert first.returncode == 0, first.stderr
+    second = minifs("run", "--rm", "--name", "taken", "busybox", "true")
+    assert second.returncode == 125
+    assert "in use" in second.stderr
+    assert minifs("rm", "taken").returncode == 0
+    no_containers_left(minifs, state)
+
+
+def test_help_loads_neither_pyroute2_nor_rich() -> None:
+    code = (
+        "import sys; from minifs.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('pyroute2', 'rich') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [str(Path(MINIFS).with_name("python")), "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.strip() == "[]"
