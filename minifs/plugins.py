@@ -9,12 +9,12 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 
 import pluggy
 
 from minifs import hookspecs
 from minifs.driver import Driver
+from minifs.entrypoints import entry_points
 from minifs.errors import InvalidArgument, NotFound
 
 GROUP = "minifs"
@@ -47,7 +47,7 @@ def load() -> Plugins:
         if (names is not None and ep.name not in names) or manager.has_plugin(ep.name):
             continue
         manager.register(ep.load(), name=ep.name)
-        dists[ep.name] = (ep.dist.name, ep.dist.version) if ep.dist else (ep.name, "?")
+        dists[ep.name] = (ep.dist, ep.version)
     return Plugins(manager, dists)
 
 
