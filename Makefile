@@ -8,9 +8,14 @@ DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc e2fsprogs util-linux cor
 	kmod busybox-static podman runc iproute2 crun hyperfine skopeo umoci
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test bench bench-micro lint clean
+.PHONY: setup test bench bench-micro lint bytecode clean
 
 setup: $(STAMP)
+
+# Every minifs command is a fresh interpreter: with PYTHONDONTWRITEBYTECODE set
+# (as on CI here) it would recompile the package on each start.
+bytecode: setup
+	@$(PY) -m compileall -q minifs drivers bench >/dev/null
 
 $(STAMP): pyproject.toml Makefile
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
@@ -28,10 +33,10 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: setup lint
+test: setup lint bytecode
 	$(VENV)/bin/pytest
 
-bench: setup
+bench: setup bytecode
 	$(VENV)/bin/minifs bench --driver overlay2 --layers 50
 
 # Micro-benchmarks of the core operations (pytest-benchmark); not part of `make test`.
