@@ -14,6 +14,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from minifs_bench.content import check, check_bytes, pattern
@@ -46,6 +47,7 @@ DEFINITIONS = {
     "image",
     "clone": "the one-off cost of making and mounting the clone: device bytes, and inodes and "
     "bytes taken on the bench disk",
+    "seconds": "time from the start of the work until all of it is on the device (one syncfs)",
 }
 
 
@@ -59,49 +61,76 @@ def _layer(size: int) -> str:
     return f"amp-{size}"
 
 
-def run(session: Session, record: dict) -> None:
-    record["definitions"] = DEFINITIONS
-    workloads: list[dict] = []
-    record["workloads"] = workloads
-    session.progress.step(f"{session.driver}: layers holding files of 4 KiB … 64 MiB")
-    for size in UPDATE_SIZES:
-        session.make_layer(_layer(size), None, _file_writer(size))
-    session.progress.advance()
-    plans: list[tuple[str, int, str, int, Callable[[Path], None], Callable[[Path], None]]] = [
-        ("sequential", 0, IMAGE, SEQUENTIAL_BYTES, _sequential, _check_sequential),
+@dataclass(frozen=True)
+class Workload:
+    """One write pattern: what it writes, in a clone of which layer, and how
+    its effect is checked. `touched` are the (offset, length) ranges it
+    overwrites in a file of the layer, which must stay unchanged there."""
+
+    name: str
+    file_size: int
+    layer: str
+    logical_bytes: int
+    work: Callable[[Path], None]
+    verify: Callable[[Path], None]
+    touched: tuple[tuple[int, int], ...] = ()
+
+
+def workloads() -> list[Workload]:
+    return [
+        Workload("sequential", 0, IMAGE, SEQUENTIAL_BYTES, _sequential, _check_sequential),
         *(
-            ("update-4b", size, _layer(size), len(UPDATE), _update(size), _check_update(size))
+            Workload(
+                "update-4b",
+                size,
+                _layer(size),
+                len(UPDATE),
+                _update(size),
+                _check_update(size),
+                ((size // 2, len(UPDATE)),),
+            )
             for size in UPDATE_SIZES
         ),
-        (
+        Workload(
             "random-4k",
             RANDOM_FILE,
             _layer(RANDOM_FILE),
             RANDOM_WRITES * RANDOM_BLOCK,
             _random,
             _check_random,
+            tuple((i * RANDOM_BLOCK, RANDOM_BLOCK) for i in _random_offsets()[:8]),
         ),
-        ("small-files", 0, IMAGE, SMALL_FILES * SMALL_FILE_SIZE, _small, _check_small),
+        Workload("small-files", 0, IMAGE, SMALL_FILES * SMALL_FILE_SIZE, _small, _check_small),
     ]
-    for workload, file_size, layer, logical, work, verify in plans:
-        session.progress.step(f"{session.driver}: write amplification, {workload} {file_size}")
+
+
+def run(session: Session, record: dict) -> None:
+    record["definitions"] = DEFINITIONS
+    entries: list[dict] = []
+    record["workloads"] = entries
+    session.progress.step(f"{session.driver}: layers holding files of 4 KiB … 64 MiB")
+    for size in UPDATE_SIZES:
+        session.make_layer(_layer(size), None, _file_writer(size))
+    session.progress.advance()
+    for w in workloads():
+        session.progress.step(f"{session.driver}: write amplification, {w.name} {w.file_size}")
         entry: dict = {
-            "workload": workload,
-            "file_size": file_size,
-            "layer": layer,
-            "logical_bytes": logical,
+            "workload": w.name,
+            "file_size": w.file_size,
+            "layer": w.layer,
+            "logical_bytes": w.logical_bytes,
             "samples": [],
         }
-        workloads.append(entry)
+        entries.append(entry)
         for _ in range(session.runs):
-            entry["samples"].append(_sample(session, layer, work, verify))
+            entry["samples"].append(_sample(session, w.layer, w.work, w.verify))
             session.progress.advance()
-        if workload == "update-4b":
-            _check_layer_unchanged(session, file_size)
+        if w.touched:
+            _check_layer_unchanged(session, w)
         device = [s["device_bytes"] for s in entry["samples"]]
         entry["summary"] = {
             "device_bytes": summarize(device),
-            "amplification": summarize([d / logical for d in device]),
+            "amplification": summarize([d / w.logical_bytes for d in device]),
             **{
                 key: summarize([s[key] for s in entry["samples"]])
                 for key in ("clone_device_bytes", "clone_inodes", "clone_bytes", "seconds")
@@ -112,6 +141,8 @@ def run(session: Session, record: dict) -> None:
 def _sample(
     session: Session, layer: str, work: Callable[[Path], None], verify: Callable[[Path], None]
 ) -> dict[str, float]:
+    """One fresh clone of `layer`: what making and mounting it cost, then what
+    the work cost, then its effect read back after a remount."""
     clone = session.name("amp")
     meter = session.meter()
     before = session.counts()
@@ -120,8 +151,10 @@ def _sample(
     with session.mounted(clone) as target:
         clone_device = meter.stop()
         after = session.counts()
+        meter.start()
         start = time.perf_counter_ns()
-        device = meter.measure(lambda: work(target))
+        work(target)
+        device = meter.stop()
         seconds = (time.perf_counter_ns() - start) / 1e9
         session.remount(target)
         verify(target)
@@ -182,14 +215,18 @@ def _check_update(size: int) -> Callable[[Path], None]:
     return verify
 
 
-def _check_layer_unchanged(session: Session, size: int) -> None:
-    """The 4-byte update must not have reached the layer under the clone."""
+def _check_layer_unchanged(session: Session, workload: Workload) -> None:
+    """What the workload overwrote in its clones must not have reached the layer."""
     view = session.name("amp-view")
-    session.storage.view(view, _layer(size))
+    session.storage.view(view, workload.layer)
+    original = pattern(workload.file_size, workload.file_size)
     try:
         with session.mounted(view) as root:
-            middle = pattern(size, size)[size // 2 : size // 2 + len(UPDATE)]
-            check_bytes(root / DATA, size // 2, middle, f"layer {_layer(size)} after update-4b")
+            for offset, length in workload.touched:
+                expected = original[offset : offset + length]
+                check_bytes(
+                    root / DATA, offset, expected, f"layer {workload.layer} after {workload.name}"
+                )
     finally:
         session.storage.remove(view)
 

@@ -4,7 +4,7 @@ minifs's overhead is the ratio of its clone+mount to this in the same run, on
 the same disk, with the same mount options: for overlay2 `mkdir` of an upper
 and a work dir and one overlay mount (mount(2), or fsconfig past a page of
 options, exactly as the mounter would pick); for vfs `cp -a` of the layer and a
-bind mount. What is left is minifs's own cost: Python, the metadata store and
+bind mount with the clone's flags. What is left is minifs's own cost: Python, the metadata store and
 its lock, the crash-safe ordering.
 """
 
@@ -13,27 +13,36 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
 
 from minifs import linux, mounter
 from minifs.model import Mount
 from minifs.resources import run
 
 
-class Bare(Protocol):
+class Bare:
+    """A clone+mount done by hand; `delete` is the same for every one."""
+
     what: str
 
-    def create(self, clone: Sequence[Mount], layer: Sequence[Mount], scratch: Path, target: Path):
-        """Make what a clone of the layer needs under `scratch` and mount it at `target`."""
+    def create(
+        self, clone: Sequence[Mount], layer: Sequence[Mount], scratch: Path, target: Path
+    ) -> None:
+        """Make what a clone of the layer needs under `scratch` and mount it at `target`,
+        given the clone's and the layer's mount records."""
+        raise NotImplementedError
 
     def delete(self, scratch: Path, target: Path) -> None:
         """Unmount `target` and delete `scratch`."""
+        linux.umount(target)
+        shutil.rmtree(scratch)
 
 
-class BareOverlay:
+class BareOverlay(Bare):
     what = "mkdir upper+work, mount -t overlay with the clone's options"
 
-    def create(self, clone: Sequence[Mount], layer: Sequence[Mount], scratch: Path, target: Path):
+    def create(
+        self, clone: Sequence[Mount], layer: Sequence[Mount], scratch: Path, target: Path
+    ) -> None:
         (record,) = clone
         upper, work = scratch / "upper", scratch / "work"
         scratch.mkdir()
@@ -49,22 +58,17 @@ class BareOverlay:
         )
         mounter.mount_one(Mount(record.type, record.source, options), target)
 
-    def delete(self, scratch: Path, target: Path) -> None:
-        linux.umount(target)
-        shutil.rmtree(scratch)
 
+class BareCopy(Bare):
+    what = "cp -a of the layer's directory, bind mount with the clone's options"
 
-class BareCopy:
-    what = "cp -a of the layer's directory, bind mount"
-
-    def create(self, clone: Sequence[Mount], layer: Sequence[Mount], scratch: Path, target: Path):
-        (record,) = layer
-        run(["cp", "-a", "--reflink=auto", record.source, str(scratch)], "bare copy")
-        linux.mount(str(scratch), target, None, linux.MS_BIND)
-
-    def delete(self, scratch: Path, target: Path) -> None:
-        linux.umount(target)
-        shutil.rmtree(scratch)
+    def create(
+        self, clone: Sequence[Mount], layer: Sequence[Mount], scratch: Path, target: Path
+    ) -> None:
+        (copied,) = layer
+        (record,) = clone
+        run(["cp", "-a", "--reflink=auto", copied.source, str(scratch)], "bare copy")
+        mounter.mount_one(Mount(record.type, str(scratch), record.options), target)
 
 
 BARE: dict[str, Bare] = {"overlay2": BareOverlay(), "vfs": BareCopy()}

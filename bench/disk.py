@@ -13,17 +13,23 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from minifs import linux
+from minifs.errors import InUse
 from minifs.loopdisk import make_image
 from minifs.resources import Resources, process_start_time
 
 EXT4_MOUNT_OPTIONS = "noinit_itable"
-"""mkfs.ext4 leaves inode tables to be zeroed by a kernel thread after the first
-mount; that background writing would be billed to whatever the bench measures."""
+"""mkfs.ext4 zeroes the journal itself but leaves the inode tables to a kernel
+thread that starts within seconds of the first mount and writes 32 MiB on a
+2 GiB disk; that background writing would be billed to whatever the bench
+measures. With this option an idle bench disk receives nothing."""
 
 OWNER_FILE = "owner.json"
+BUSY_WAIT = 10.0
+"""Seconds teardown waits for a busy bench disk to be let go (see down_patiently)."""
 
 
 class BenchDisk:
@@ -49,18 +55,56 @@ class BenchDisk:
 
     def down(self) -> None:
         """Unmount, detach and delete; safe to call on a half-made disk."""
-        self.resources.down()
+        down_patiently(self.resources)
         self.image.unlink(missing_ok=True)
         self.image.with_name(self.image.name + ".partial").unlink(missing_ok=True)
 
     def describe(self) -> dict[str, object]:
+        """What a reader needs to interpret the counters: the filesystem, its
+        block size, and whether the loop device bypasses the host page cache."""
+        loop = Path("/sys/block") / os.path.basename(self.device) / "loop"
+        try:
+            direct_io = (loop / "dio").read_text().strip() == "1"
+        except OSError:
+            direct_io = None
         return {
             "image": str(self.image),
             "size": self.size,
             "filesystem": self.fstype,
+            "block_size": os.statvfs(self.mountpoint).f_frsize if self.mountpoint else None,
             "device": self.device,
+            "loop_direct_io": direct_io,
             "mount_options": EXT4_MOUNT_OPTIONS if self.fstype == "ext4" else "",
         }
+
+
+def detach_mounts_under(directory: Path, keep: set[str] = frozenset()) -> None:
+    """Lazily detach every mount below `directory` but those in `keep`, deepest
+    first: what a failed or interrupted step left mounted (a file it held open
+    may keep a mount busy, so a plain umount could fail)."""
+    prefix = str(directory) + "/"
+    stray = [t for t in linux.mount_targets() if t.startswith(prefix) and t not in keep]
+    for target in sorted(stray, key=len, reverse=True):
+        with contextlib.suppress(OSError):
+            linux.umount(target, linux.MNT_DETACH)
+
+
+def down_patiently(resources: Resources, wait: float = BUSY_WAIT) -> list[str]:
+    """`Resources.down`, retried while a loop device is busy.
+
+    A process that makes a private mount namespace (a container starting
+    anywhere on the machine) while the bench disk is mounted holds a copy of
+    that mount until it pivots away from the host's tree; the device is busy
+    until then, so teardown waits for it instead of failing the run.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return resources.down()
+        except InUse:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def claim(workdir: Path) -> None:
@@ -90,14 +134,10 @@ def release(workdir: Path) -> list[str]:
         for r in Resources(path.parent).load()
         if r["type"] == "mount"
     }
-    prefix = str(workdir) + "/"
-    stray = [t for t in linux.mount_targets() if t.startswith(prefix) and t not in recorded]
-    for target in sorted(stray, key=len, reverse=True):
-        with contextlib.suppress(OSError):
-            linux.umount(target, linux.MNT_DETACH)
+    detach_mounts_under(workdir, keep=recorded)
     stopped = []
     for path in (*homes, *disks):
-        stopped.extend(Resources(path.parent).down())
+        stopped.extend(down_patiently(Resources(path.parent)))
     shutil.rmtree(workdir, ignore_errors=True)
     return stopped
 

@@ -2,9 +2,10 @@
 and minifs's overhead against the bare kernel operation.
 
 Three ways of making the same clone+mount are timed in each run, in rotating
-order so none always goes first: through minifs (`Storage.clone`, its mount
-records, the mounter), through the driver alone (no metadata store, no lock),
-and by hand (`bare`). Their ratio says what minifs itself costs.
+order so none always goes first, after one untimed round of each: through
+minifs (`Storage.clone`, its mount records, the mounter), through the driver
+alone (no metadata store, no lock), and by hand (`bare`). Their ratio says what
+minifs itself costs.
 """
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ DEFINITIONS = {
     "delete": "umount+remove through minifs: unmount the clone, Storage.remove (ms)",
     "driver_create": "the same clone+mount through the driver alone, without the metadata "
     "store and its lock (ms)",
-    "bare_create": "the bare kernel operation the clone stands for, by hand (ms)",
-    "overhead": "median minifs create / median bare create at the same depth, same run "
-    "(1.0 = no overhead; aim <= 1.25)",
+    "bare_create": "the bare kernel operation the clone stands for, by hand, with the same "
+    "mount options on the same disk (ms); bare_delete: its umount and rm -r",
+    "create x": "overhead: median minifs create / median bare create at the same depth, same "
+    "run (1.0 = no overhead; aim <= 1.25); create_vs_driver in the JSON: over driver_create",
+    "delete x": "median minifs delete / median bare delete, likewise",
     "commit": "Storage.snapshot of a clone into a layer of the chain: the image, then empty "
     "layers (ms)",
     "depth": "L = number of layers under the clone, the image at the bottom",
+    "runs": "each depth: one untimed round of every way, then --runs rounds in rotating order",
 }
 
 
@@ -56,16 +60,18 @@ def run(session: Session, depths: list[int], record: dict) -> None:
         samples: dict[str, list[float]] = defaultdict(list)
         point = {"depth": depth, "samples_ms": samples}
         points.append(point)
-        ways: list[Callable[[], None]] = [
-            partial(_through_minifs, session, depth, samples),
-            partial(_through_driver, session, depth, samples),
+        ways: list[Callable[[dict[str, list[float]]], None]] = [
+            partial(_through_minifs, session, depth),
+            partial(_through_driver, session, depth),
         ]
         if bare is not None:
             clone_records, layer_records = _records(session, depth)
-            ways.append(partial(_bare, session, depth, clone_records, layer_records, samples))
+            ways.append(partial(_bare, session, depth, clone_records, layer_records))
+        for way in ways:
+            way(defaultdict(list))  # warm-up, not kept: first calls pay for cold code paths
         for n in range(session.runs):
             for i in range(len(ways)):
-                ways[(n + i) % len(ways)]()
+                ways[(n + i) % len(ways)](samples)
             session.progress.advance()
         point["summary"] = {key: summarize(values) for key, values in samples.items()}
         point["overhead"] = {

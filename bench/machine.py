@@ -12,7 +12,10 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import minifs
+from minifs.errors import BackendError
 from minifs.plugins import registered
+from minifs.resources import run
 
 
 def _cpu_model() -> str:
@@ -54,10 +57,6 @@ def filesystem_of(path: Path) -> dict[str, str]:
 
 
 def machine_info(bench_root: Path) -> dict[str, object]:
-    try:
-        minifs_version = version("minifs")
-    except PackageNotFoundError:
-        minifs_version = "unknown"
     return {
         "kernel": platform.release(),
         "kernel_build": platform.version(),
@@ -67,9 +66,28 @@ def machine_info(bench_root: Path) -> dict[str, object]:
         "memory_bytes": _memory_bytes(),
         "load_average": os.getloadavg(),
         "python": sys.version.split()[0],
-        "minifs": minifs_version,
         "bench_images_on": filesystem_of(bench_root),
     }
+
+
+def source_info() -> dict[str, object]:
+    """Which code produced the results: minifs's version and, when it runs from
+    a git checkout, the commit and the files that differ from it (a run made
+    before a commit names the commit it started from and says it was dirty)."""
+    try:
+        minifs_version = version("minifs")
+    except PackageNotFoundError:
+        minifs_version = "unknown"
+    info: dict[str, object] = {"minifs": minifs_version, "git_commit": None}
+    checkout = str(Path(minifs.__file__).resolve().parent.parent)
+    try:
+        commit = run(["git", "-C", checkout, "rev-parse", "HEAD"], "git rev-parse")
+        status = run(["git", "-C", checkout, "status", "--porcelain"], "git status")
+    except BackendError:
+        return info  # not a checkout, or no git: the version is all there is
+    changed = [line[3:] for line in status.splitlines() if line.strip()]
+    info.update(git_commit=commit.strip(), git_dirty=bool(changed), git_changed=changed)
+    return info
 
 
 def driver_info(name: str) -> dict[str, object]:

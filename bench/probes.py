@@ -1,52 +1,68 @@
-"""What the bench reads from the kernel: block-device write counters, statvfs
-inode and block counts, and the page cache it drops for cold measurements.
+"""What the bench reads from the kernel: block-device read and write counters,
+statvfs inode and block counts, and the caches it drops for cold measurements.
 
 Write amplification is counted where it cannot be faked: the sectors the bench
 disk's block device actually received (/sys/block/<dev>/stat), after syncfs has
-pushed everything the workload dirtied down to it.
+pushed everything the workload dirtied down to it. The same counters show
+whether a "cold" lookup really went to the device.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import struct
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from minifs import linux
+from minifs.errors import BackendError
 
 SECTOR = 512
 """/sys/block/*/stat counts 512-byte sectors whatever the device's block size."""
 
 
-class WriteCounter:
-    """Bytes a block device has received since it was attached."""
+class DeviceCounter:
+    """Bytes a block device has read and written since it was attached.
+
+    The kernel's counters are cumulative over the device's life (a reused
+    /dev/loopN keeps counting), so only differences between two readings mean
+    anything. They count what the filesystem on the device submitted, once: a
+    loop device's own writes to its backing file go to another device.
+    """
 
     def __init__(self, device: str) -> None:
         self.device = device
         self.stat_path = Path("/sys/block") / os.path.basename(device) / "stat"
 
+    def _sectors(self, field: int) -> int:
+        # Fields 3 and 7 are "sectors read" and "sectors written" (Documentation/block/stat.rst).
+        return int(self.stat_path.read_text().split()[field]) * SECTOR
+
+    def bytes_read(self) -> int:
+        return self._sectors(2)
+
     def bytes_written(self) -> int:
-        # Field 7 of the stat file is "sectors written" (Documentation/block/stat.rst).
-        return int(self.stat_path.read_text().split()[6]) * SECTOR
+        return self._sectors(6)
 
 
 class WriteMeter:
     """Bytes a device received between `start` and `stop`.
 
-    Every path in `sync` is syncfs'd at both ends: before, so earlier dirt is
-    not billed to the work; after, so all of the work's dirt reaches the device.
+    The filesystem `fs` is syncfs'd at both ends: before, so earlier dirt is not
+    billed to the work; after, so all of the work's dirt (data, journal, and the
+    metadata written home) has reached the device.
     """
 
-    def __init__(self, counter: WriteCounter, sync: Sequence[Path]) -> None:
+    def __init__(self, counter: DeviceCounter, fs: Path) -> None:
         self.counter = counter
-        self.sync = list(sync)
+        self.fs = fs
         self._start = 0
 
     def _synced(self) -> int:
-        for path in self.sync:
-            linux.syncfs(path)
+        linux.syncfs(self.fs)
         return self.counter.bytes_written()
 
     def start(self) -> None:
@@ -79,12 +95,7 @@ class FsCounts:
         return self.bytes_total - self.bytes_free
 
     def to_dict(self) -> dict[str, int]:
-        return {
-            "inodes_total": self.inodes_total,
-            "inodes_free": self.inodes_free,
-            "bytes_total": self.bytes_total,
-            "bytes_free": self.bytes_free,
-        }
+        return asdict(self)
 
 
 def fs_counts(path: Path) -> FsCounts:
@@ -98,14 +109,38 @@ def fs_counts(path: Path) -> FsCounts:
     )
 
 
-def drop_caches(sync: Sequence[Path]) -> None:
+def drop_caches(fs: Path, fstype: str | None) -> None:
     """Drop the page cache, dentries and inodes machine-wide (the only way the
-    kernel offers), after syncfs so that the bench disk's pages are all clean
-    and really go."""
-    for path in sync:
-        linux.syncfs(path)
+    kernel offers), so the next lookup on `fs` must read from its device.
+
+    syncfs first, so that the bench disk's pages are clean and can go. On ext4
+    that is not enough: metadata blocks of recent transactions stay pinned in
+    memory by the journal's checkpoint lists until the journal is checkpointed,
+    and a "cold" lookup of a freshly made tree would read nothing at all. So
+    the journal is checkpointed too (EXT4_IOC_CHECKPOINT, Linux 5.13+).
+    """
+    linux.syncfs(fs)
+    if fstype == "ext4":
+        _checkpoint_journal(fs)
     with open("/proc/sys/vm/drop_caches", "w", encoding="ascii") as f:
         f.write("3")
+
+
+EXT4_IOC_CHECKPOINT = 0x4004662B
+"""_IOW('f', 43, __u32): flush ext4's journal and write everything home."""
+
+
+def _checkpoint_journal(fs: Path) -> None:
+    fd = os.open(fs, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, EXT4_IOC_CHECKPOINT, struct.pack("I", 0))
+    except OSError as exc:
+        raise BackendError(
+            f"cannot checkpoint the journal of {fs} ({exc.strerror}), so cold lookups "
+            "would not be cold; run the lookup metric on Linux 5.13 or newer"
+        ) from None
+    finally:
+        os.close(fd)
 
 
 def elapsed_ms(start_ns: int) -> float:

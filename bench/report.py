@@ -68,7 +68,7 @@ def _latency(doc: dict, console: Console) -> None:
         return
     table = _table(
         "create / delete latency, ms (median, p95 in brackets)",
-        ("driver", "depth", "create", "delete", "driver only", "bare", "overhead x"),
+        ("driver", "depth", "create", "delete", "driver only", "bare", "create x", "delete x"),
     )
     for name, record in found:
         for point in record["points"]:
@@ -84,6 +84,7 @@ def _latency(doc: dict, console: Console) -> None:
                 _med(s, "driver_create"),
                 _med(s, "bare_create"),
                 _num(point["overhead"]["create"]),
+                _num(point["overhead"]["delete"]),
             )
         commit = record["commit"]["summary"]
         if commit.get("n"):
@@ -146,6 +147,13 @@ def _lookup(doc: dict, console: Console) -> None:
                     *(_med(s, c.replace(" ", "_"), 1) for c in columns),
                 )
     console.print(table)
+    for name, record in found:
+        if record.get("not_cold"):
+            console.print(
+                f"  [red]{name}: {record['not_cold']} cold lookups read nothing from the bench "
+                "disk; their figures are not cold[/red]",
+                highlight=False,
+            )
     _definitions(console, found[0][1]["definitions"])
 
 
@@ -183,7 +191,7 @@ def _footprint(doc: dict, console: Console) -> None:
                 human_size(run["disk_size"]),
                 str(run["clones"]),
                 run["first_exhausted"],
-                _num(run["predicted"]["predicted_clones"], 0),
+                _num((run["predicted"] or {}).get("predicted_clones"), 0),
                 _num(bench["predicted_clones"], 0),
                 str(bench["predicted_first_exhausted"]),
             )

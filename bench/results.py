@@ -3,7 +3,8 @@ machine, written atomically so a reader never sees half a file.
 
 Schema `minifs-bench` version 1, top level:
   schema, schema_version, partial, interrupted, errors, command, started_at,
-  finished_at, wall_seconds, settings, machine, skipped (drivers that cannot
+  finished_at, wall_seconds, source (minifs version, git commit and whether the
+  checkout was dirty), settings, machine, skipped (drivers that cannot
   run here, with the reason), drivers: {name: {driver, disk, phases_seconds,
   wall_seconds, errors, metrics: {latency|amplification|lookup|footprint:
   {status, definitions, ...raw samples and summaries...}}}}.
@@ -20,7 +21,7 @@ SCHEMA = "minifs-bench"
 SCHEMA_VERSION = 1
 
 
-def new_document(settings: dict, machine: dict, command: list[str]) -> dict:
+def new_document(settings: dict, machine: dict, source: dict, command: list[str]) -> dict:
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -31,6 +32,7 @@ def new_document(settings: dict, machine: dict, command: list[str]) -> dict:
         "started_at": _iso(time.time()),
         "finished_at": None,
         "wall_seconds": None,
+        "source": source,
         "settings": settings,
         "machine": machine,
         "skipped": {},
@@ -47,8 +49,13 @@ def finish(doc: dict, wall_seconds: float) -> None:
     doc["wall_seconds"] = wall_seconds
 
 
+DIRECTORY = Path("results")
+"""Where results go by default, relative to the working directory (`make bench`
+runs in the checkout, so reference runs land in its results/)."""
+
+
 def default_path(label: str, when: float) -> Path:
-    return Path("results") / f"{label}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(when))}.json"
+    return DIRECTORY / f"{label}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(when))}.json"
 
 
 def save(doc: dict, path: Path) -> None:

@@ -22,8 +22,15 @@ from minifs.plugins import get_driver
 from minifs.state import StateDir
 from minifs.storage import Storage
 from minifs_bench.content import write_image
-from minifs_bench.disk import BenchDisk
-from minifs_bench.probes import FsCounts, WriteCounter, WriteMeter, elapsed_ms, fs_counts
+from minifs_bench.disk import BenchDisk, detach_mounts_under
+from minifs_bench.probes import (
+    DeviceCounter,
+    FsCounts,
+    WriteMeter,
+    drop_caches,
+    elapsed_ms,
+    fs_counts,
+)
 
 IMAGE = "image"
 """The bottom layer every clone-based metric stands on."""
@@ -59,9 +66,18 @@ class Session:
     _names: Iterator[int] = field(default_factory=itertools.count)
     _records: dict[Path, list[Mount]] = field(default_factory=dict)
 
+    @property
+    def device(self) -> DeviceCounter:
+        """The bench disk's block-device counters."""
+        return DeviceCounter(self.disk.device)
+
     def meter(self) -> WriteMeter:
         """Counts what the bench disk's block device receives."""
-        return WriteMeter(WriteCounter(self.disk.device), self.sync)
+        return WriteMeter(self.device, self.fs)
+
+    def drop_caches(self) -> None:
+        """Make the next access to the bench disk go to its device."""
+        drop_caches(self.fs, self.disk.fstype)
 
     @property
     def fs(self) -> Path:
@@ -69,10 +85,6 @@ class Session:
         if self.disk.mountpoint is None:
             raise AssertionError("the bench disk has no filesystem mounted")
         return self.disk.mountpoint
-
-    @property
-    def sync(self) -> list[Path]:
-        return [self.fs]
 
     def counts(self) -> FsCounts:
         return fs_counts(self.fs)
@@ -90,8 +102,9 @@ class Session:
 
     @staticmethod
     def unmount(records: list[Mount], target: Path) -> None:
-        for _ in records:
-            mounter.unmount(target)
+        """Undo `mounter.mount_all(records, target)`: the last record first."""
+        for record in reversed(records):
+            mounter.unmount(target / record.target)
 
     @contextlib.contextmanager
     def mounted(self, name: str) -> Iterator[Path]:
@@ -108,9 +121,9 @@ class Session:
         try:
             yield target
         except BaseException:
-            for _ in records:
+            for record in reversed(records):
                 with contextlib.suppress(OSError):
-                    linux.umount(target, linux.MNT_DETACH)
+                    linux.umount(target / record.target, linux.MNT_DETACH)
             raise
         finally:
             del self._records[target]
@@ -161,9 +174,9 @@ class Session:
         """The layer whose chain is `depth` layers deep (1 is the image itself)."""
         return IMAGE if depth == 1 else f"layer{depth}"
 
-    def stray_mounts(self) -> list[str]:
-        prefix = str(self.workdir / "mnt") + "/"
-        return [t for t in linux.mount_targets() if t.startswith(prefix)]
+    def detach_strays(self) -> None:
+        """Detach what a failed step left mounted, so the next one can run."""
+        detach_mounts_under(self.workdir / "mnt")
 
 
 def open_on_disk(
@@ -190,12 +203,7 @@ def open_on_disk(
 
 def close_on_disk(storage: Storage, disk: BenchDisk, workdir: Path) -> None:
     """Undo `open_on_disk`: mounts left under `workdir`, the driver's backend, the disk."""
-    prefix = str(workdir) + "/"
-    skip = {str(disk.mountpoint)} if disk.mountpoint else set()
-    for target in sorted(linux.mount_targets(), key=len, reverse=True):
-        if target.startswith(prefix) and target not in skip:
-            with contextlib.suppress(OSError):
-                linux.umount(target, linux.MNT_DETACH)
+    detach_mounts_under(workdir, keep={str(disk.mountpoint)} if disk.mountpoint else set())
     try:
         storage.down()
     finally:

@@ -231,7 +231,11 @@ class Storage:
             failpoints.hit("snapshot:after-driver")
             merged = {**info.labels, **(labels or {})}
             merged.pop(TRANSIENT_LABEL, None)  # the layer outlives the operation
-            self.store.finish_commit(info.id, layer, {k: v for k, v in merged.items() if v})
+            # Lost at power failure, the row is back in COMMITTING and recovery
+            # rolls it forward: no fsync needed here.
+            self.store.finish_commit(
+                info.id, layer, {k: v for k, v in merged.items() if v}, durable=False
+            )
             if keep:
                 self.clone(clone, layer, info.labels)
             return self.stat(layer)
@@ -250,7 +254,8 @@ class Storage:
             failpoints.hit("remove:after-intent")
             self.driver.remove(info.id)
             failpoints.hit("remove:after-driver")
-            self.store.delete(info.id)
+            # Lost at power failure, the row is back in REMOVING and recovery finishes it.
+            self.store.delete(info.id, durable=False)
 
     def set_labels(self, name: str, labels: Mapping[str, str]) -> Info:
         """Add or (with an empty value) delete labels."""

@@ -221,8 +221,10 @@ class Store:
                 (state.value, pending_name, time.time(), sid),
             )
 
-    def finish_commit(self, sid: str, name: str, labels: dict[str, str]) -> None:
-        with self.transaction() as db:
+    def finish_commit(
+        self, sid: str, name: str, labels: dict[str, str], durable: bool = True
+    ) -> None:
+        with self.transaction(durable) as db:
             db.execute(
                 "UPDATE snapshots SET kind = ?, name = ?, pending_name = NULL, state = ?,"
                 " labels = ?, updated = ? WHERE id = ?",
@@ -243,8 +245,8 @@ class Store:
                 (json.dumps(labels, sort_keys=True), time.time(), sid),
             )
 
-    def delete(self, sid: str) -> None:
-        with self.transaction() as db:
+    def delete(self, sid: str, durable: bool = True) -> None:
+        with self.transaction(durable) as db:
             db.execute("DELETE FROM mounts WHERE snapshot_id = ?", (sid,))
             db.execute("DELETE FROM snapshots WHERE id = ?", (sid,))
 

@@ -14,7 +14,7 @@ from minifs.errors import NotSupported
 from minifs.model import DriverKind
 from minifs.plugins import Registered, registered
 from minifs_bench.options import add_arguments
-from minifs_bench.runner import validate
+from minifs_bench.request import validate
 from tests.conftest import MINIFS
 
 
@@ -30,10 +30,13 @@ from tests.conftest import MINIFS
         (["--runs", "0"], "--runs 0"),
         (["--disk-size", "64M"], "too small for overlay2"),
         (["--disk-size", "lots"], "bad size"),
+        (["--out", "{tmp}"], "is a directory"),
+        (["--out", "{tmp}/file/r.json"], "cannot write results under"),
     ],
 )
-def test_bad_input_is_one_line_and_leaves_nothing(cli, root, args, message):
-    done = cli("bench", *args)
+def test_bad_input_is_one_line_and_leaves_nothing(cli, root, tmp_path, args, message):
+    (tmp_path / "file").write_text("not a directory")
+    done = cli("bench", *(a.format(tmp=tmp_path) for a in args))
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("minifs: error:"), done.stderr

@@ -39,6 +39,7 @@ def test_short_run_of_every_driver(cli, root, tmp_path):
     assert doc["partial"] is False and doc["errors"] == []
     assert doc["settings"]["depths"] == [1, 2, 3]
     assert doc["machine"]["kernel"] == os.uname().release
+    assert len(doc["source"]["git_commit"] or "") == 40, "run from the checkout, it names a commit"
     assert {"overlay2", "vfs"} <= set(doc["drivers"])
     for name, entry in doc["drivers"].items():
         assert entry["driver"]["version"]
@@ -53,9 +54,14 @@ def test_short_run_of_every_driver(cli, root, tmp_path):
         assert all(len(p["samples_ms"]["create"]) == 1 for p in latency["points"])
         lookup = entry["metrics"]["lookup"]
         assert all(p["summary"]["stat_cold"]["n"] == 1 for p in lookup["points"])
+        assert lookup["not_cold"] == 0, "a cold lookup was served from memory"
         scenario = entry["metrics"]["footprint"]["scenario"]
         assert scenario["clones"] > 0
         assert scenario["first_exhausted"] in ("inodes", "space")
+        # The first clone's cost predicts when the small disk fills.
+        predicted = scenario["predicted"]["predicted_clones"]
+        assert abs(predicted - scenario["clones"]) <= max(2, scenario["clones"] // 10), name
+        assert scenario["predicted"]["predicted_first_exhausted"] == scenario["first_exhausted"]
 
     # The seed's claims, as measured: overlay2 copies a whole file up on the
     # first write, growing with its size; vfs paid at clone time instead.

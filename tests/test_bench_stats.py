@@ -9,7 +9,7 @@ import pytest
 
 from minifs.plugins import registered
 from minifs_bench import amplification, results
-from minifs_bench.runner import needed_disk
+from minifs_bench.request import needed_disk
 from minifs_bench.stats import depth_sweep, percentile, ratio, summarize
 
 
@@ -76,7 +76,7 @@ def test_update_sizes_span_4k_to_64m():
 
 
 def test_results_round_trip_and_schema_checks(tmp_path):
-    doc = results.new_document({"layers": 3}, {"kernel": "x"}, ["minifs", "bench"])
+    doc = results.new_document({"layers": 3}, {"kernel": "x"}, {}, ["minifs", "bench"])
     results.finish(doc, 1.5)
     path = tmp_path / "r.json"
     results.save(doc, path)
