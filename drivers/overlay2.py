@@ -29,6 +29,7 @@ from minifs import failpoints, linux
 from minifs.driver import Driver, tree_usage
 from minifs.errors import InvalidArgument, NotSupported
 from minifs.hookspecs import hookimpl
+from minifs.layers.safefs import remove_tree
 from minifs.loopdisk import make_image, parse_size
 from minifs.model import DriverKind, Kind, Mount, Usage
 
@@ -193,7 +194,7 @@ class Overlay2Driver(Driver):
         root = self.dir(sid)
         with contextlib.suppress(FileNotFoundError):
             (self.data / "l" / self._link(sid)).unlink(missing_ok=True)
-        shutil.rmtree(root, ignore_errors=True)
+        remove_tree(root)
 
     def _lower(self, sid: str) -> list[str]:
         """`sid`'s parents as `l/NAME`, nearest first, from its `lower` file."""

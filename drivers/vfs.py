@@ -11,6 +11,7 @@ from pathlib import Path
 from minifs.driver import Driver, tree_usage
 from minifs.errors import MissingPrerequisite, NotSupported
 from minifs.hookspecs import hookimpl
+from minifs.layers.safefs import remove_tree
 from minifs.model import DriverKind, Kind, Mount, Usage
 from minifs.resources import run
 
@@ -52,7 +53,7 @@ class VfsDriver(Driver):
         """A vfs layer is its directory as it stands; only the store's kind changes."""
 
     def remove(self, sid: str) -> None:
-        shutil.rmtree(self.path(sid), ignore_errors=True)
+        remove_tree(self.path(sid))
 
     def mounts(self, sid: str, kind: Kind, parents: Sequence[str]) -> list[Mount]:
         mode = "rw" if kind is Kind.CLONE else "ro"

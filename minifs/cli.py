@@ -68,7 +68,8 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         t.add_column(column, overflow="fold")
     for row in rows:
         t.add_row(*("" if v is None else str(v) for v in row))
-    Console().print(t)
+    # Piped output is for grep and logs: one row per line, never folded at 80.
+    Console(width=None if sys.stdout.isatty() else 250).print(t)
 
 
 def _ago(created: float) -> str:
@@ -144,8 +145,13 @@ def _print_info(args: argparse.Namespace, info: Any) -> None:
 
 
 def cmd_clone(args: argparse.Namespace) -> int:
-    with open_storage(args) as storage:
-        info = storage.clone(args.name, args.parent, _pairs(args.label, "--label"))
+    with open_storage(args) as storage, storage.changing():
+        parent = args.parent
+        if parent is not None:
+            from minifs.images import resolve_layer
+
+            parent = resolve_layer(storage, parent)  # a layer, or an image unpacked here
+        info = storage.clone(args.name, parent, _pairs(args.label, "--label"))
         _print_info(args, info)
     return 0
 
@@ -170,6 +176,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from minifs.store import Store
 
     filters = parse_filters(args.filter or [])
+    if args.driver:
+        from minifs.plugins import get_driver
+
+        get_driver(args.driver)
     state = StateDir(args.root)
     infos = []
     if state.db_path.exists():
@@ -199,6 +209,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from minifs.container.commands import inspect_container
+
+    if inspect_container(args):
+        return 0
     with open_storage(args) as storage:
         info = storage.stat(args.name)
         data = info.to_dict()
@@ -224,9 +238,12 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
+    from minifs.container.commands import remove_container
+
     with open_storage(args) as storage:
         for name in args.names:
-            storage.remove(name)
+            if not remove_container(args, name):
+                storage.remove(name)
             print(name)
     return 0
 
@@ -289,6 +306,18 @@ def _storages_with_state(args: argparse.Namespace) -> Iterator[Any]:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from minifs.container.manage import reclaim
+
+    if not args.dry_run:  # containers whose monitor died first: they hold clones
+        for line in reclaim(args.root):
+            print(line, file=sys.stderr)
+    from minifs.layers.scratch import sweep
+    from minifs.state import StateDir
+
+    # Spools, staging and mount points of crashed imports/applies, before the
+    # drivers' gc removes clones one of them may still have mounted.
+    for line in sweep(StateDir(args.root).root, args.dry_run):
+        print(line, file=sys.stderr)
     reports = {}
     for storage in _storages_with_state(args):
         reports[storage.name] = storage.gc(args.dry_run).to_dict()
@@ -318,6 +347,12 @@ def cmd_down(args: argparse.Namespace) -> int:
         args, stopped, lambda: [print(f"{d}: stopped {s}") for d, ss in stopped.items() for s in ss]
     )
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from minifs_bench.runner import main as run_bench
+
+    return run_bench(args)
 
 
 # -- parser -------------------------------------------------------------------
@@ -375,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
         "clone", cmd_clone, "create a writable clone (empty, or on a layer)", json_flag=True
     )
     p.add_argument("name")
-    p.add_argument("--from", dest="parent", metavar="LAYER", help="layer to clone")
+    p.add_argument("--from", dest="parent", metavar="LAYER|IMAGE", help="layer or image to clone")
     p.add_argument("--label", action="append", metavar="KEY=VALUE")
 
     p = command("view", cmd_view, "create a read-only view of a layer", json_flag=True)
@@ -446,6 +481,28 @@ def build_parser() -> argparse.ArgumentParser:
         json_flag=True,
     )
     p.add_argument("--driver", "-d", default=None, help="only this driver (default: all)")
+
+    from minifs_bench.options import add_arguments as add_bench_arguments
+
+    p = command(
+        "bench",
+        cmd_bench,
+        "measure drivers: create/delete latency, write amplification, lookups, inodes",
+        driver=False,
+    )
+    add_bench_arguments(p)
+
+    from minifs.images.commands import add_image_parser
+
+    add_image_parser(sub)
+
+    from minifs.layers.commands import add_layer_parser
+
+    add_layer_parser(sub, default_driver)
+
+    from minifs.container.commands import add_container_parser
+
+    add_container_parser(sub, default_driver)
     return parser
 
 

@@ -10,14 +10,13 @@ roll back), so each must cope with half-done work of its own.
 from __future__ import annotations
 
 import abc
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
 from minifs.errors import InvalidArgument
 from minifs.model import DriverKind, Kind, Mount, Usage
-from minifs.resources import Resources
+from minifs.resources import Resources, run
 
 
 class Driver(abc.ABC):
@@ -113,23 +112,11 @@ class Driver(abc.ABC):
 
 
 def tree_usage(path: Path) -> Usage:
-    """Disk bytes and inodes under `path`, each hard-linked inode counted once."""
-    seen: set[tuple[int, int]] = set()
-    size = 0
-    stack = [str(path)]
-    while stack:
-        top = stack.pop()
-        try:
-            entries = list(os.scandir(top))
-        except FileNotFoundError:
-            continue
-        for entry in entries:
-            st = entry.stat(follow_symlinks=False)
-            key = (st.st_dev, st.st_ino)
-            if key in seen:
-                continue
-            seen.add(key)
-            size += st.st_blocks * 512
-            if entry.is_dir(follow_symlinks=False):
-                stack.append(entry.path)
-    return Usage(size=size, inodes=len(seen))
+    """Disk bytes and inodes under `path` (itself included), each hard-linked
+    inode counted once. GNU du walks by descriptors, so a layer's legal
+    2,000-deep tree does not fail on PATH_MAX as a walk by path names would."""
+    if not path.exists():
+        return Usage(size=0, inodes=0)
+    size = run(["du", "-s", "-B1", str(path)], f"du {path}").split()[0]
+    inodes = run(["du", "-s", "--inodes", str(path)], f"du {path}").split()[0]
+    return Usage(size=int(size), inodes=int(inodes))

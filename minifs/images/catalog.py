@@ -90,10 +90,17 @@ class Catalog:
 
     def add(self, staging: Staging, names: list[str], digest: str, needed: set[str]) -> None:
         """Publish a staged image under `names`, atomically with its blobs."""
+        self.add_all(staging, [(names, digest, needed)])
+
+    def add_all(self, staging: Staging, images: list[tuple[list[str], str, set[str]]]) -> None:
+        """Publish staged images (names, manifest digest, blobs): every blob first,
+        then every record, so a failure part-way publishes no image at all (blobs
+        without a record are what `image rm`'s garbage collection removes)."""
         with self.state.locked():
-            staging.commit(needed | {digest})
-            for name in names:
-                records.put(self.store, name, digest)
+            staging.commit(set().union(*({digest, *needed} for _, digest, needed in images)))
+            for names, digest, _ in images:
+                for name in names:
+                    records.put(self.store, name, digest)
 
     # -- removing ----------------------------------------------------------------------
 

@@ -78,8 +78,10 @@ class ContentStore:
     @contextlib.contextmanager
     def staging(self, scratch: Path) -> Iterator[Staging]:
         """A private directory to stage blobs in; dropped afterwards whatever happens."""
+        from minifs.layers.scratch import make_dir
+
         scratch.mkdir(parents=True, exist_ok=True)
-        where = Path(tempfile.mkdtemp(prefix="ingest-", dir=scratch))
+        where = make_dir(scratch, "ingest")  # named for its owner: see scratch.sweep
         try:
             yield Staging(self, where)
         finally:
@@ -171,4 +173,6 @@ class Staging:
             os.fsync(fd)
         finally:
             os.close(fd)
-        self.staged.clear()
+        for digest in needed:
+            # Only what moved: an archive's other images still need their staged blobs.
+            self.staged.pop(digest, None)

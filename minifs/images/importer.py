@@ -1,9 +1,14 @@
 """`minifs image import`: docker/podman save archives, OCI layouts, rootfs tars.
 
 What a file is, is decided by its content, not its name: an OCI image layout
-(`index.json`, directory or tar), a `docker save` / `podman save` archive
-(`manifest.json`), or else a plain root filesystem tar that becomes a one-layer
-image. Any of these may be gzip'd or zstd'd as a whole.
+(`oci-layout` and `index.json`, directory or tar; Docker 25+ saves are one), a
+`docker save` / `podman save` archive (`manifest.json`, with `<id>/layer.tar`
+possibly a symlink to another layer's, resolved inside the archive), or else
+a plain root filesystem tar that becomes a one-layer image. Any of these may
+be gzip'd or zstd'd as a whole. An image index (multi-platform) gives the
+image for linux on this host's architecture, or a one-line error listing what
+it has. A member named by a digest (`<hex>.json`, `blobs/sha256/<hex>`) must
+hash to it.
 
 Every blob is copied into a private staging area and checked against its
 digest; every layer is then validated in full (the same first pass an apply
@@ -24,12 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from minifs.errors import InvalidArgument, NotFound
+from minifs import failpoints
+from minifs.errors import InvalidArgument, MinifsError, NotFound
 from minifs.images import oci, records
 from minifs.images.catalog import Catalog
-from minifs.images.content import Staging, check_digest
+from minifs.images.content import MAX_JSON, Staging, check_digest
 from minifs.layers.apply import validate
 from minifs.layers.compression import NONE, default_limit, open_tar, sniff
+from minifs.layers.safefs import Root
 from minifs.layers.tarformat import DIR, FILE, HARDLINK, SYMLINK, BadLayer, TarReader
 
 MAX_MEMBERS = 10_000
@@ -71,10 +78,24 @@ class _Layout:
         path = (self.root / _clean(name, what)).resolve()
         if not path.is_relative_to(self.root):
             raise InvalidArgument(f"{what} {name!r} leads outside {self.root}")
+        # The resolved path has no symlinks left; opening it component by component
+        # without following any means a link swapped in after `resolve` is refused,
+        # not followed out of the layout.
+        parts = [os.fsencode(p) for p in path.relative_to(self.root).parts]
         try:
-            return open(path, "rb")
+            with Root(self.root) as root:
+                parent = root.dir(parts[:-1])
+                if parent is None:
+                    raise FileNotFoundError
+                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = os.open(parts[-1], flags, dir_fd=parent)
         except FileNotFoundError:
             raise NotFound(f"{what} {name!r} is missing from {self.root}") from None
+        except OSError as exc:
+            raise InvalidArgument(
+                f"{what} {name!r} cannot be opened in {self.root} ({exc.strerror})"
+            ) from None
+        return os.fdopen(fd, "rb")
 
 
 class _Slice(io.RawIOBase):
@@ -137,7 +158,8 @@ class _TarArchive:
 
 
 def _scan(path: Path) -> dict[str, tuple[str, int, int, str]] | None:
-    """The members of an image archive, or None for anything else."""
+    """The members of a tar by normalised name, or None past MAX_MEMBERS (a
+    root filesystem, not an image archive: it is not read further)."""
     members: dict[str, tuple[str, int, int, str]] = {}
     with open(path, "rb") as raw:
         reader = TarReader(open_tar(raw))  # type: ignore[arg-type]
@@ -148,9 +170,7 @@ def _scan(path: Path) -> dict[str, tuple[str, int, int, str]] | None:
             if entry.type != DIR:
                 link = entry.linkname.decode("utf-8", "replace")
                 members[name] = (entry.type, reader.offset, entry.size, link)
-    if "manifest.json" in members or "index.json" in members:
-        return members
-    return None
+    return members
 
 
 # -- the three formats ---------------------------------------------------------------
@@ -158,7 +178,20 @@ def _scan(path: Path) -> dict[str, tuple[str, int, int, str]] | None:
 
 def _read(archive: _Layout | _TarArchive, name: str, what: str) -> bytes:
     with archive.open(name, what) as f:
-        return f.read(4 << 20)
+        return _bounded(f.read(MAX_JSON + 1), what)
+
+
+def _bounded(data: bytes, what: str) -> bytes:
+    """JSON documents are small: a big one is refused, not parsed (or cut and
+    then misread)."""
+    if len(data) > MAX_JSON:
+        raise InvalidArgument(f"{what} is larger than {MAX_JSON} bytes; it is not image metadata")
+    return data
+
+
+def _read_staged(staging: Staging, digest: str, what: str) -> bytes:
+    with open(staging.path(digest), "rb") as f:
+        return _bounded(f.read(MAX_JSON + 1), what)
 
 
 def _json_list(data: bytes) -> list[Any]:
@@ -191,53 +224,108 @@ def _stage_blob(staging: Staging, archive: _Layout | _TarArchive, digest: str, w
         staging.add_stream(f, expected=digest)
 
 
+MAX_NESTING = 4
+"""An OCI layout's index.json may point at an image index (multi-platform),
+which points at manifests; deeper nesting is refused, not recursed into."""
+
+
 def _from_oci(archive: _Layout | _TarArchive, staging: Staging, stem: str) -> Iterator[_Candidate]:
     index = oci.parse_json(_read(archive, "index.json", "index.json"), "index.json")
-    yield from _walk_index(archive, staging, index, stem, "index.json")
+    found = list(_walk_index(archive, staging, index, stem, "index.json", [], 0))
+    if not found:
+        raise NotFound(
+            f"index.json has no image for {oci.host_platform()} "
+            f"(it has {', '.join(_platforms(index)) or 'no manifests'})"
+        )
+    yield from found
+
+
+def _platforms(index: dict) -> list[str]:
+    return sorted({oci.platform_name(d.get("platform")) for d in index.get("manifests") or [] if d})
+
+
+def _names(desc: dict, stem: str) -> list[str]:
+    """The image's names from a descriptor's annotations: containerd's full image
+    name, else the OCI ref name (a bare tag like `1.0` is taken as `STEM:1.0`)."""
+    annotations = desc.get("annotations") or {}
+    ref = annotations.get("io.containerd.image.name") or annotations.get(
+        "org.opencontainers.image.ref.name"
+    )
+    if not isinstance(ref, str) or not ref:
+        return []
+    return [ref if ("/" in ref or ":" in ref) else f"{stem}:{ref}"]
 
 
 def _walk_index(
-    archive: _Layout | _TarArchive, staging: Staging, index: dict, stem: str, what: str
+    archive: _Layout | _TarArchive,
+    staging: Staging,
+    index: dict,
+    stem: str,
+    what: str,
+    names: list[str],
+    depth: int,
 ) -> Iterator[_Candidate]:
+    """The images an index lists. Top level (depth 0): every descriptor is an
+    image of its own. In a nested image index the descriptors are one image's
+    platforms: only the first one for this host is taken, and none is an error."""
     manifests = index.get("manifests")
     if not isinstance(manifests, list):
         raise InvalidArgument(f"{what} has no manifests list")
+    if depth > MAX_NESTING:
+        raise InvalidArgument(f"{what}: image indexes nested more than {MAX_NESTING} deep")
+    taken = 0
     for desc in manifests:
         if not isinstance(desc, dict) or not isinstance(desc.get("digest"), str):
             raise InvalidArgument(f"{what} has a manifest descriptor without a digest")
+        if not oci.platform_matches(desc.get("platform")):
+            continue
+        if depth and taken:
+            break  # one platform per image
         digest = desc["digest"]
         media_type = desc.get("mediaType", oci.OCI_MANIFEST)
-        platform = desc.get("platform") or {}
-        if platform and (
-            platform.get("os") != "linux" or platform.get("architecture") != oci.host_arch()
-        ):
-            continue
         _stage_blob(staging, archive, digest, f"blob {digest}")
-        blob = staging.path(digest).read_bytes()
+        blob = _read_staged(staging, digest, f"blob {digest}")
+        own = names or _names(desc, stem)
         if media_type in oci.INDEX_TYPES:
             nested = oci.parse_json(blob, f"index {digest}")
-            yield from _walk_index(archive, staging, nested, stem, f"index {digest}")
+            found = list(
+                _walk_index(archive, staging, nested, stem, f"index {digest}", own, depth + 1)
+            )
+            if not found:
+                raise NotFound(
+                    f"image index {digest[:19]} has no image for {oci.host_platform()} "
+                    f"(it has {', '.join(_platforms(nested)) or 'no manifests'})"
+                )
+            taken += 1
+            yield from found
             continue
         manifest = oci.parse_json(blob, f"manifest {digest}")
         config_desc, layer_descs = oci.check_manifest(manifest, f"manifest {digest}")
         _stage_blob(staging, archive, config_desc["digest"], "config blob")
-        config = oci.parse_json(staging.path(config_desc["digest"]).read_bytes(), "config")
+        config = oci.parse_json(_read_staged(staging, config_desc["digest"], "config"), "config")
         for layer in layer_descs:
             _stage_blob(staging, archive, layer["digest"], "layer blob")
-        annotations = desc.get("annotations") or {}
-        ref = annotations.get("io.containerd.image.name") or annotations.get(
-            "org.opencontainers.image.ref.name"
-        )
-        names = []
-        if isinstance(ref, str) and ref:
-            names.append(ref if ("/" in ref or ":" in ref) else f"{stem}:{ref}")
+        taken += 1
         yield _Candidate(
-            names,
+            own,
             digest,
             config_desc["digest"],
             [d["digest"] for d in layer_descs],
             oci.diff_ids_of(config, len(layer_descs), f"manifest {digest}"),
         )
+
+
+def _named_digest(name: str) -> str | None:
+    """The digest a member's name claims (`<hex>.json`, `blobs/sha256/<hex>`), if any."""
+    match = re.fullmatch(r"(?:blobs/sha256/)?([0-9a-f]{64})(?:\.json)?", name)
+    return f"sha256:{match.group(1)}" if match else None
+
+
+def _add_member(staging: Staging, archive: _TarArchive | _Layout, name: str, what: str) -> str:
+    """Stage a member named by manifest.json; a name that is a digest must match."""
+    expected = _named_digest(_clean(name, what))
+    with archive.open(name, what) as f:
+        return staging.add_stream(f, expected=expected)
 
 
 def _from_docker(archive: _TarArchive | _Layout, staging: Staging) -> Iterator[_Candidate]:
@@ -248,14 +336,12 @@ def _from_docker(archive: _TarArchive | _Layout, staging: Staging) -> Iterator[_
         layers = item.get("Layers")
         if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
             raise InvalidArgument(f"{what} has no Layers list")
-        with archive.open(item["Config"], f"{what} Config") as f:
-            config_digest = staging.add_stream(f)
-        config_bytes = staging.path(config_digest).read_bytes()
+        config_digest = _add_member(staging, archive, item["Config"], f"{what} Config")
+        config_bytes = _read_staged(staging, config_digest, f"{what} config")
         config = oci.parse_json(config_bytes, f"{what} config")
         descriptors = []
         for layer in layers:
-            with archive.open(layer, f"{what} layer") as f:
-                digest = staging.add_stream(f)
+            digest = _add_member(staging, archive, layer, f"{what} layer")
             with open(staging.path(digest), "rb") as f:
                 kind = sniff(f.read(8))
             descriptors.append(
@@ -322,6 +408,7 @@ def import_path(
     with Catalog.open(root) as catalog, catalog.content.staging(catalog.scratch) as staging:
         try:
             candidates = _candidates(source, staging, stem, allow_devices)
+            failpoints.hit("import:after-staging")
         except BadLayer as exc:
             raise BadLayer(f"{source} is not a readable archive: {exc}") from None
         if wanted and len(candidates) > 1:
@@ -342,18 +429,26 @@ def import_path(
                 except BadLayer as exc:
                     raise BadLayer(f"{source}: layer {digest[:19]} refused: {exc}") from None
                 validated.add(digest)
-            if not candidate.layer_digests:
-                raise InvalidArgument(f"{source}: image {candidate.manifest_digest} has no layers")
-        done = []
-        for candidate in candidates:
-            names = [wanted] if wanted else [records.normalize(n) for n in candidate.names]
-            if not names:
-                names = [records.normalize(stem)]
-            needed = {candidate.config_digest, *candidate.layer_digests}
-            catalog.add(staging, names, candidate.manifest_digest, needed)
-            count = len(candidate.layer_digests)
-            done += [Imported(n, candidate.manifest_digest, count) for n in names]
-        return done
+            # An image without layers (umoci new, a config-only artifact) is kept:
+            # cloning it says there is nothing to clone.
+        # Every name is checked before the first image is published.
+        named = [
+            ([wanted] if wanted else [records.normalize(n) for n in c.names])
+            or [records.normalize(stem)]
+            for c in candidates
+        ]
+        catalog.add_all(
+            staging,
+            [
+                (names, c.manifest_digest, {c.config_digest, *c.layer_digests})
+                for c, names in zip(candidates, named, strict=True)
+            ],
+        )
+        return [
+            Imported(n, c.manifest_digest, len(c.layer_digests))
+            for c, names in zip(candidates, named, strict=True)
+            for n in names
+        ]
 
 
 def _candidates(source: Path, staging: Staging, stem: str, allow_devices: bool) -> list[_Candidate]:
@@ -372,11 +467,26 @@ def _candidates(source: Path, staging: Staging, stem: str, allow_devices: bool) 
             while chunk := stream.read(1 << 20):
                 out.write(chunk)
     members = _scan(tar_path)
-    if members is None:
-        if compressed:
-            tar_path.unlink()
-        return [_from_rootfs(source, staging, allow_devices)]
-    archive = _TarArchive(tar_path, members)
+    archive = _TarArchive(tar_path, members or {})
     if archive.has("index.json") and archive.has("oci-layout"):
-        return list(_from_oci(archive, staging, stem))
-    return list(_from_docker(archive, staging))
+        return list(_from_oci(archive, staging, stem))  # OCI, and Docker 25+ saves
+    if archive.has("manifest.json") and _looks_like_docker(archive):
+        return list(_from_docker(archive, staging))
+    if compressed:
+        tar_path.unlink()
+    return [_from_rootfs(source, staging, allow_devices)]
+
+
+def _looks_like_docker(archive: _TarArchive) -> bool:
+    """A `docker save` archive, as opposed to a root filesystem that happens to
+    hold a /manifest.json: its manifest is a JSON list, or it has the legacy
+    `repositories` file or `<id>/layer.tar` members (then a broken manifest is
+    an error, not a root filesystem)."""
+    import json
+
+    if archive.has("repositories") or any(n.endswith("/layer.tar") for n in archive.members):
+        return True
+    try:
+        return isinstance(json.loads(_read(archive, "manifest.json", "manifest.json")), list)
+    except (ValueError, MinifsError):
+        return False

@@ -42,6 +42,35 @@ def host_arch() -> str:
     return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}.get(machine, machine)
 
 
+def host_variant() -> str | None:
+    return {"aarch64": "v8", "armv7l": "v7", "armv6l": "v6"}.get(platform.machine())
+
+
+def host_platform() -> str:
+    variant = host_variant()
+    return f"linux/{host_arch()}" + (f"/{variant}" if variant and host_arch() == "arm" else "")
+
+
+def platform_name(desc_platform: Any) -> str:
+    if not isinstance(desc_platform, dict):
+        return "any platform"
+    parts = [desc_platform.get(key) for key in ("os", "architecture", "variant")]
+    return "/".join(str(p) for p in parts if p)
+
+
+def platform_matches(desc_platform: Any) -> bool:
+    """Whether a descriptor's platform (absent: any) runs here: linux on this
+    architecture, and the variant when one is given (arm64 v8 is its default)."""
+    if not desc_platform:
+        return True
+    if not isinstance(desc_platform, dict):
+        return False
+    if desc_platform.get("os") != "linux" or desc_platform.get("architecture") != host_arch():
+        return False
+    variant = desc_platform.get("variant")
+    return not variant or variant == host_variant()
+
+
 def chain_ids(diff_ids: Sequence[str]) -> list[str]:
     chain: list[str] = []
     for diff_id in diff_ids:

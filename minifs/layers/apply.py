@@ -7,8 +7,10 @@ symlink that a later entry would be written through), hard links to anything
 but an earlier file of this layer, whiteouts naming `..`, duplicate entries,
 device nodes when they are not allowed, privileged xattrs, a truncated or
 corrupt archive, a diff_id that does not match, or more decompressed bytes than
-the limit. A non-seekable source is spooled to a file first so pass 2 can read
-it again.
+the limit. It also refuses what the kernel would only refuse in pass 2, half-way
+through: mtimes past a 64-bit time_t, device numbers wider than dev_t, xattr
+names or values the kernel rejects (size, a malformed file capability or ACL).
+A non-seekable source is spooled to a file first so pass 2 can read it again.
 
 Pass 2 writes through `safefs.Root`, never following a symlink, in one of two
 forms. A *tree* (vfs and every driver that holds a full tree) gets real
@@ -31,17 +33,19 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from minifs import failpoints
 from minifs.errors import BackendError
 from minifs.layers import safefs
 from minifs.layers.compression import open_tar
 from minifs.layers.safefs import Parts, Root
+from minifs.layers.scratch import make_file
+from minifs.layers.seen import Seen
 from minifs.layers.tarformat import (
     BLOCKDEV,
     CHAR,
@@ -66,6 +70,12 @@ legitimately needs the rest."""
 
 PATH_MAX = 4096
 NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+MAX_TIME_NS = (1 << 63) - 1
+"""utimensat takes a 64-bit time_t: a header may say more (base-256, PAX), a file
+system cannot hold it, so pass 1 refuses it rather than pass 2 failing half-way."""
+MAX_MAJOR, MAX_MINOR = (1 << 12) - 1, (1 << 20) - 1
+"""The kernel's dev_t: 12-bit major, 20-bit minor; anything wider would be cut."""
 _NO_ID = (1 << 32) - 1  # (uid_t)-1 means "leave unchanged" to chown(2)
 _CHUNK = 1 << 20
 _LINKABLE = (FILE, HARDLINK, CHAR, BLOCKDEV, FIFO)
@@ -151,7 +161,7 @@ class _Source:
             self._file = source
             self._start = source.tell()
             return
-        fd, self._spool = tempfile.mkstemp(prefix="layer-", suffix=".spool", dir=spool_dir)
+        fd, self._spool = make_file(spool_dir, "layer", ".spool")
         try:
             with os.fdopen(fd, "wb") as out:
                 copied = 0
@@ -217,7 +227,7 @@ def _validate(
     src: _Source, expected_diff_id: str | None, allow_devices: bool, limit: int | None
 ) -> LayerStats:
     stats = LayerStats()
-    seen: dict[Parts, str] = {}
+    seen = Seen()
     with src.open() as raw:
         stream = open_tar(raw, limit)
         reader = TarReader(stream)  # type: ignore[arg-type]
@@ -227,17 +237,6 @@ def _validate(
                 pass
         stats.size = stream.count
         stats.diff_id = "sha256:" + stream.digest.hexdigest()
-    for parts in seen:
-        for i in range(len(parts) - 1, 0, -1):
-            above = seen.get(parts[:i])
-            if above is None:
-                continue
-            if above != DIR:
-                raise BadLayer(
-                    f"entry {show(b'/'.join(parts))}: lies below "
-                    f"{show(b'/'.join(parts[:i]))}, which this layer makes a {above}"
-                )
-            break
     if expected_diff_id and stats.diff_id != expected_diff_id:
         raise BadLayer(
             f"layer content is {stats.diff_id} but its diff_id says {expected_diff_id} "
@@ -250,16 +249,50 @@ def _bad(entry: Entry, reason: str) -> BadLayer:
     return BadLayer(f"entry {show(entry.name)}: {reason}")
 
 
-def _check_entry(
-    entry: Entry, seen: dict[Parts, str], stats: LayerStats, allow_devices: bool
-) -> None:
+def _xattr_problem(entry: Entry, key: str, value: bytes) -> str | None:
+    """Why the kernel would refuse (or a layer must not set) this xattr, checked in
+    pass 1 so that pass 2 never fails half-way on it."""
+    prefix = next((p for p in ALLOWED_XATTRS if key.startswith(p)), None)
+    if prefix is None:
+        return "is not allowed in a layer"
+    if len(key) > NAME_MAX or "\0" in key or (prefix.endswith(".") and key == prefix):
+        return "is not a valid xattr name"
+    if len(value) > XATTR_SIZE_MAX:
+        return f"value is larger than {XATTR_SIZE_MAX} bytes"
+    if key.startswith("user.") and entry.type not in (FILE, DIR):
+        # The kernel refuses user.* xattrs there.
+        return f"cannot be set on a {entry.type}"
+    if key == "security.capability" and not _valid_capability(value):
+        return "is not a v2 or v3 file capability"
+    if key.startswith("system.posix_acl_") and not _valid_acl(value):
+        return "is not a POSIX ACL"
+    return None
+
+
+def _valid_capability(value: bytes) -> bool:
+    """The kernel's own check (security/commoncap.c validheader): a v2 (20 bytes)
+    or v3 (24 bytes, with the namespace root uid) vfs_cap_data."""
+    if len(value) not in (20, 24):
+        return False
+    revision = int.from_bytes(value[:4], "little") & 0xFF000000
+    return (len(value), revision) in ((20, 0x02000000), (24, 0x03000000))
+
+
+def _valid_acl(value: bytes) -> bool:
+    """posix_acl_xattr: a version 2 header, then 8-byte (tag, perm, id) entries
+    with tags the kernel knows (fs/posix_acl.c)."""
+    if len(value) < 4 or (len(value) - 4) % 8 or int.from_bytes(value[:4], "little") != 2:
+        return False
+    tags = {0x01, 0x02, 0x04, 0x08, 0x10, 0x20}
+    return all(int.from_bytes(value[i : i + 2], "little") in tags for i in range(4, len(value), 8))
+
+
+def _check_entry(entry: Entry, seen: Seen, stats: LayerStats, allow_devices: bool) -> None:
     parts = entry_parts(entry.name)
-    if parts in seen:
-        raise BadLayer(f"entry {show(entry.name)}: duplicate entry")
     stats.entries += 1
     target = whiteout_of(parts)
     if target is not None:
-        seen[parts] = "whiteout"
+        seen.add(parts, "whiteout", entry.name)
         if target == OPAQUE:
             stats.opaques.append(parts[:-1])
         else:
@@ -271,12 +304,16 @@ def _check_entry(
         raise _bad(entry, "device nodes are not allowed here")
     if entry.uid >= _NO_ID or entry.gid >= _NO_ID:
         raise _bad(entry, "uid/gid out of range")
-    for key in entry.xattrs:
-        if not key.startswith(ALLOWED_XATTRS) or len(key) > NAME_MAX:
-            raise _bad(entry, f"xattr {key!r} is not allowed in a layer")
-        if key.startswith("user.") and entry.type not in (FILE, DIR):
-            # The kernel refuses user.* xattrs there; refuse before changing anything.
-            raise _bad(entry, f"xattr {key!r} cannot be set on a {entry.type}")
+    if abs(entry.mtime_ns) > MAX_TIME_NS:
+        raise _bad(entry, "mtime out of range")
+    if entry.type in (CHAR, BLOCKDEV) and (
+        entry.devmajor > MAX_MAJOR or entry.devminor > MAX_MINOR
+    ):
+        raise _bad(entry, f"device number {entry.devmajor}:{entry.devminor} out of range")
+    for key, value in entry.xattrs.items():
+        problem = _xattr_problem(entry, key, value)
+        if problem:
+            raise _bad(entry, f"xattr {key!r} {problem}")
     if entry.type == HARDLINK:
         label = f"entry {show(entry.name)}: hard link target {show(entry.linkname)}"
         linked = entry_parts(entry.linkname, label)
@@ -292,7 +329,7 @@ def _check_entry(
         raise _bad(entry, "symlink without a valid target")
     if entry.type == SYMLINK and len(entry.linkname) > PATH_MAX:
         raise _bad(entry, "symlink target too long")
-    seen[parts] = entry.type
+    seen.add(parts, entry.type, entry.name)
     if entry.type == FILE:
         stats.files += 1
         stats.file_bytes += entry.size
@@ -482,7 +519,8 @@ class _Writer:
     def _meta_at(parent: int, name: bytes, entry: Entry, symlink: bool) -> None:
         os.chown(name, entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
         if not symlink:
-            os.chmod(name, entry.mode, dir_fd=parent)
+            # A device or fifo just made here: never follow, even if swapped meanwhile.
+            os.chmod(name, entry.mode, dir_fd=parent, follow_symlinks=False)
         for key, value in entry.xattrs.items():
             os.setxattr(safefs.proc_path(parent, name), key, value, follow_symlinks=False)
         os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=parent, follow_symlinks=False)
@@ -554,6 +592,7 @@ def apply_layer(
     cap = default_limit() if limit is None else limit
     src = _Source(source, Path(spool_dir) if spool_dir else None, cap)
     try:
+        failpoints.hit("apply:after-spool")
         stats = _validate(src, expected_diff_id, allow_devices, cap)
         writer = _Writer(Path(root), overlay, [Path(p) for p in lowers])
         try:

@@ -66,22 +66,39 @@ def xattrs_at(dir_fd: int, name: bytes, skip: Callable[[str], bool]) -> dict[str
     return values
 
 
-def remove_at(dir_fd: int, name: bytes) -> None:
+def remove_at(dir_fd: int, name: bytes, same_device: bool = False) -> None:
     """Delete `name` in `dir_fd` and, for a directory, all below it, without
     following symlinks and without recursion (trees may be deeper than Python's
-    stack)."""
+    stack). With `same_device`, a directory on another filesystem (a mount
+    point) raises EBUSY instead of being emptied."""
     st = lstat_at(dir_fd, name)
     if st is None:
         return
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dir_fd)
         return
-    clear_dir(open_dir_at(dir_fd, name), close=True)
+    clear_dir(open_dir_at(dir_fd, name), close=True, device=st.st_dev if same_device else None)
     os.rmdir(name, dir_fd=dir_fd)
 
 
-def clear_dir(fd: int, close: bool = False) -> None:
-    """Delete everything inside the directory `fd` (closing it after if `close`)."""
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    """`rm -rf path` without recursion or following symlinks; a missing path is
+    fine. shutil.rmtree recurses once per level and dies with RecursionError on
+    the ~2,000-deep trees a layer may legally hold (names up to PATH_MAX)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    try:
+        fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        remove_at(fd, os.fsencode(name))
+    finally:
+        os.close(fd)
+
+
+def clear_dir(fd: int, close: bool = False, device: int | None = None) -> None:
+    """Delete everything inside the directory `fd` (closing it after if `close`);
+    with `device`, refuse (EBUSY) to enter a directory on any other device."""
     # Each frame: (directory fd, its remaining names, name in the parent or None, owned).
     stack: list[tuple[int, Iterator[bytes], bytes | None, bool]] = [
         (fd, iter(listdir_fd(fd)), None, close)
@@ -101,6 +118,8 @@ def clear_dir(fd: int, close: bool = False) -> None:
             if st is None:
                 continue
             if stat.S_ISDIR(st.st_mode):
+                if device is not None and st.st_dev != device:
+                    raise OSError(errno.EBUSY, "a mount point is in the way", os.fsdecode(name))
                 child = open_dir_at(top, name)
                 stack.append((child, iter(listdir_fd(child)), name, True))
             else:
@@ -194,11 +213,18 @@ class Root:
             for o in opened:
                 os.close(o)
             raise
-        # Keep the last one cached; intermediate ones are closed.
-        for o in opened[:-1]:
+        # Cache the deepest ones walked through (a lookup of a parent next, as
+        # when directory times are set deepest first, then costs no walk);
+        # close the rest.
+        keep = opened[-self.CACHE // 2 :]
+        for o in opened[: len(opened) - len(keep)]:
             os.close(o)
-        self._cache[key] = fd
-        if len(self._cache) > self.CACHE:
-            _, old = self._cache.popitem(last=False)
-            os.close(old)
+        first = len(key) - len(keep)
+        for depth, o in enumerate(keep, start=first + 1):
+            old = self._cache.pop(key[:depth], None)
+            if old is not None:
+                os.close(old)
+            self._cache[key[:depth]] = o
+        while len(self._cache) > self.CACHE:
+            os.close(self._cache.popitem(last=False)[1])
         return fd

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from minifs import linux, mounter
 from minifs.errors import InUse, InvalidArgument
+from minifs.layers import scratch
 from minifs.layers.apply import LayerStats, apply_layer
 from minifs.layers.diff import DiffStats, write_diff
 from minifs.model import Info, Kind
@@ -26,17 +26,16 @@ from minifs.storage import Storage
 
 
 def scratch_dir(storage: Storage) -> Path:
-    """Where spools and private mount points go: under the state dir, on its disk."""
-    path = storage.state.root / "tmp"
-    path.mkdir(exist_ok=True)
-    return path
+    """Where spools and private mount points go: under the state dir, on its disk
+    (named for their owner, so `minifs gc` can reclaim what a crash left)."""
+    return scratch.scratch_dir(storage.state.root)
 
 
 @contextlib.contextmanager
 def mounted(storage: Storage, info: Info) -> Iterator[Path]:
     """`info` mounted by its own records in a private directory, for this block only."""
     records = storage.driver.mounts(info.id, info.kind, storage.store.chain(info.parent_id))
-    where = Path(tempfile.mkdtemp(prefix=f"mnt-{info.id[:12]}-", dir=scratch_dir(storage)))
+    where = scratch.make_dir(scratch_dir(storage), "mnt")
     try:
         mounter.mount_all(records, where)
         try:

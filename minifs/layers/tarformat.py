@@ -106,9 +106,11 @@ def _octal_text(field_: bytes) -> bytes | None:
 
 def _number(field_: bytes, what: str, name: bytes) -> int:
     if field_[0] & 0x80:
-        if field_[0] == 0xFF:
+        # GNU/star base-256: the marker bit, then a two's complement number in the
+        # rest of the field (bit 0x40 of the first byte is its sign).
+        if field_[0] & 0x40:
             raise BadLayer(f"entry {show(name)}: negative {what}")
-        return int.from_bytes(field_[1:], "big")
+        return int.from_bytes(bytes([field_[0] & 0x3F]) + field_[1:], "big")
     text = _octal_text(field_)
     if text is None:
         raise BadLayer(f"entry {show(name)}: {what} field {field_[:20]!r} is not octal")
@@ -253,10 +255,13 @@ class TarReader:
                 where = self.offset - BLOCK
                 raise BadLayer(f"corrupt header at byte {where}{after} (bad checksum)")
             flag = block[156:157]
-            size = _number(block[124:136], "size", block[:100])
+            size = _number(block[124:136], "size", block[:100].split(b"\0", 1)[0])
             if flag in (b"x", b"g"):
                 records = dict(_pax_records(self._member_data(size, "PAX header")))
                 (pax if flag == b"x" else self._globals).update(records)
+                if sum(len(k) + len(v) for k, v in self._globals.items()) > MAX_META:
+                    # Global headers accumulate over the whole archive: bound them too.
+                    raise BadLayer(f"PAX global headers exceed {MAX_META} bytes")
                 continue
             if flag == b"L":
                 long_name = self._member_data(size, "GNU long name").split(b"\0", 1)[0]
@@ -286,6 +291,8 @@ class TarReader:
             if prefix:
                 name = prefix + b"/" + name
         name = pax.get("path", long_name if long_name is not None else name)
+        # GNU sparse 0.x/1.0 in PAX form store the real name apart; name that one.
+        name = pax.get("GNU.sparse.name", name)
         kind = _TYPES.get(flag)
         if kind is None:
             what = {b"S": "a GNU sparse file", b"V": "a volume label", b"M": "multi-volume"}
@@ -296,7 +303,10 @@ class TarReader:
         if kind == FILE and name.endswith(b"/"):
             kind = DIR
         if any(k.startswith("GNU.sparse") for k in pax):
-            raise BadLayer(f"entry {show(name)}: GNU sparse files are not supported")
+            raise BadLayer(
+                f"entry {show(name)}: GNU sparse files are not supported; "
+                "archive it without --sparse"
+            )
         entry = Entry(
             name=name,
             type=kind,

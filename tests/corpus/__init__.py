@@ -114,6 +114,72 @@ def _sparse() -> bytes:
     return bytes(data)
 
 
+def _patched(data: bytes, header: int, offset: int, field_: bytes) -> bytes:
+    """`data` with bytes at `offset` of the header block `header` replaced, and
+    that header's checksum made right again (so only the field is hostile)."""
+    out = bytearray(data)
+    start = header * 512
+    out[start + offset : start + offset + len(field_)] = field_
+    block = out[start : start + 512]
+    block[148:156] = b" " * 8
+    out[start + 148 : start + 156] = b"%06o\0 " % sum(block)
+    return bytes(out)
+
+
+def _ustar(members: Sequence[Member]) -> bytes:
+    """Plain ustar (no PAX headers), so header N is block N for one-block entries."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return out.getvalue()
+
+
+def _pax_raw(records: bytes, then: Sequence[Member]) -> bytes:
+    """A hand-made PAX header (any bytes) followed by `then`."""
+    head = tarfile.TarInfo("././@PaxHeader")
+    head.type = tarfile.XHDTYPE
+    head.size = len(records)
+    block = head.tobuf(tarfile.USTAR_FORMAT)
+    return block + records + bytes(-len(records) % 512) + _ustar(then)
+
+
+def _record(key: bytes, value: bytes) -> bytes:
+    body = b" " + key + b"=" + value + b"\n"
+    length = len(body) + len(str(len(body)))
+    length = len(body) + len(str(length))
+    return b"%d%s" % (length, body)
+
+
+def _global_flood() -> bytes:
+    """120 global headers of 10 distinct 1 KB keys: 1.2 MB kept for the whole archive."""
+    blocks = []
+    for n in range(120):
+        chunk = b"".join(_record(b"c%04d.%d" % (n, i), b"v" * 1000) for i in range(10))
+        head = tarfile.TarInfo("pax_global_header")
+        head.type = tarfile.XGLTYPE
+        head.size = len(chunk)
+        blocks.append(head.tobuf(tarfile.USTAR_FORMAT) + chunk + bytes(-len(chunk) % 512))
+    return b"".join(blocks) + _ustar([member("f", data=b"x")])
+
+
+def _long_name_bomb() -> bytes:
+    head = tarfile.TarInfo("././@LongLink")
+    head.type = tarfile.GNUTYPE_LONGNAME
+    head.size = 4 << 20
+    return head.tobuf(tarfile.GNU_FORMAT) + b"a" * (4 << 20) + _ustar([member("f", data=b"x")])
+
+
+def _zstd_bomb(size: int) -> bytes:
+    """`size` zero bytes as zstd, fed in 1 MiB pieces so building it stays small."""
+    out = io.BytesIO()
+    with zstandard.ZstdCompressor(level=1).stream_writer(out, closefd=False) as writer:
+        zeros = bytes(1 << 20)
+        for _ in range(size >> 20):
+            writer.write(zeros)
+    return out.getvalue()
+
+
 def hostile(outside: Path) -> list[Case]:
     """Every hostile case; `outside` is a directory on the host to aim at."""
     target = str(outside)
@@ -250,6 +316,137 @@ def hostile(outside: Path) -> list[Case]:
             {"expected_diff_id": "sha256:" + "0" * 64},
         ),
         Case("not-a-tar", b"this is not a tar archive\n" * 40, "header"),
+        # numeric fields
+        Case(
+            "negative-base256-uid",
+            _patched(_ustar([member("neg", data=b"x")]), 0, 108, b"\xff" * 8),
+            "neg",
+        ),
+        Case(
+            "mtime-overflow",
+            _patched(_ustar([member("late", data=b"x")]), 0, 136, b"\x80" + b"\x7f" * 11),
+            "late",
+        ),
+        Case(
+            "pax-mtime-overflow",
+            tar_bytes([member("late", data=b"x", pax_headers={"mtime": "1" * 30})]),
+            "late",
+        ),
+        Case(
+            "device-number-overflow",
+            _patched(_ustar([member("dev", "char", devmajor=1, devminor=3)]), 0, 329, b"\x80" * 8),
+            "dev",
+        ),
+        Case(
+            "size-beyond-stream",
+            _patched(_ustar([member("huge", data=b"x")]), 0, 124, b"77777777777\0"),
+            "huge",
+        ),
+        Case(
+            "pax-size-beyond-stream",
+            tar_bytes([member("huge", data=b"x", pax_headers={"size": "9" * 25})]),
+            "huge",
+        ),
+        Case(
+            "size-not-octal",
+            _patched(_ustar([member("eight", data=b"x")]), 0, 124, b"00000000089\0"),
+            "eight",
+        ),
+        Case(
+            "pax-uid-overflow",
+            tar_bytes([member("uid", data=b"x", pax_headers={"uid": "4294967296"})]),
+            "uid",
+        ),
+        Case("pax-malformed", _pax_raw(b"99 path=x\n", [member("f")]), "PAX"),
+        Case("pax-global-flood", _global_flood(), "global"),
+        Case("gnu-long-name-bomb", _long_name_bomb(), "long name"),
+        # names
+        Case("nul-in-name", tar_bytes([member("a", pax_headers={"path": "a\0b"})]), "NUL"),
+        Case("name-over-path-max", tar_bytes([member("d/" * 2100 + "f")]), "too long"),
+        Case("component-over-name-max", tar_bytes([member("n" * 256)]), "too long"),
+        Case("root-as-file", tar_bytes([member(".", "file")]), "root"),
+        Case(
+            "duplicate-via-double-slash",
+            tar_bytes([member("a", "dir"), member("a/b", data=b"1"), member("a//b", data=b"2")]),
+            "a//b",
+        ),
+        Case(
+            "duplicate-via-dot",
+            tar_bytes([member("x", "dir"), member("./x/.", "dir")]),
+            "./x/.",
+        ),
+        # symlinks and hard links
+        Case(
+            "symlink-chain-escape",
+            tar_bytes(
+                [
+                    member("a", "symlink", linkname="b"),
+                    member("b", "symlink", linkname="c/../../.."),
+                    member("c", "symlink", linkname=target),
+                    member("a/pwned", data=b"x"),
+                ]
+            ),
+            "a/pwned",
+        ),
+        Case(
+            "dir-replaced-by-symlink-to-root",
+            tar_bytes(
+                [member("d", "dir"), member("d", "symlink", linkname="/"), member("d/pwned")]
+            ),
+            "d",
+        ),
+        Case(
+            "opaque-in-symlink-dir",
+            tar_bytes([member("s", "symlink", linkname="/"), member("s/.wh..wh..opq")]),
+            "s/.wh..wh..opq",
+        ),
+        Case(
+            "whiteout-in-symlink-dir",
+            tar_bytes([member("s", "symlink", linkname=target), member("s/.wh.secret")]),
+            "s/.wh.secret",
+        ),
+        Case(
+            "hardlink-through-dotdot",
+            tar_bytes([member("f", data=b"x"), member("hl", "hardlink", linkname="ok/../../f")]),
+            "hl",
+        ),
+        Case(
+            "hardlink-to-dir",
+            tar_bytes([member("d", "dir"), member("hl", "hardlink", linkname="d")]),
+            "hl",
+        ),
+        Case(
+            "hardlink-to-itself",
+            tar_bytes([member("hl", "hardlink", linkname="hl")]),
+            "hl",
+        ),
+        # xattrs the kernel would refuse half-way
+        Case(
+            "xattr-too-big",
+            tar_bytes([member("f", data=b"x", xattrs={"user.big": "v" * 70000})]),
+            "user.big",
+        ),
+        Case(
+            "xattr-nul-in-name",
+            tar_bytes([member("f", data=b"x", pax_headers={"SCHILY.xattr.user.a\0b": "v"})]),
+            "f",
+        ),
+        Case(
+            "capability-garbage",
+            tar_bytes([member("f", data=b"x", xattrs={"security.capability": b"\x01\x02"})]),
+            "security.capability",
+        ),
+        Case(
+            "acl-garbage",
+            tar_bytes([member("f", data=b"x", xattrs={"system.posix_acl_access": "junk"})]),
+            "system.posix_acl_access",
+        ),
+        Case(
+            "zstd-bomb",
+            _zstd_bomb(64 << 20),
+            "decompression bomb",
+            {"limit": 16 << 20},
+        ),
         Case("root-not-dir", tar_bytes([member("./", "symlink", linkname=target)]), "root"),
     ]
     return cases
@@ -322,17 +519,18 @@ def docker_archive(
     return tar_bytes(members)
 
 
-def oci_layout(
-    layers: Sequence[bytes], ref: str = "test/oci:1", compress: str = "gzip"
-) -> list[Member]:
-    """The members of an OCI image layout holding one image."""
+def _pack(layer: bytes, compress: str) -> bytes:
+    return {"gzip": gzip_bytes, "zstd": zstd_bytes, "none": lambda b: b}[compress](layer)
+
+
+def oci_image(
+    layers: Sequence[bytes], compress: str = "gzip", config: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """One image's manifest descriptor (no annotations) and its blobs by digest."""
     import json
 
-    packed = [
-        {"gzip": gzip_bytes, "zstd": zstd_bytes, "none": lambda b: b}[compress](layer)
-        for layer in layers
-    ]
-    config_bytes = image_config([_digest(layer) for layer in layers])
+    packed = [_pack(layer, compress) for layer in layers]
+    config_bytes = image_config([_digest(layer) for layer in layers], config)
     suffix = "" if compress == "none" else "+" + compress
     manifest = {
         "schemaVersion": 2,
@@ -352,25 +550,137 @@ def oci_layout(
         ],
     }
     manifest_bytes = json.dumps(manifest).encode()
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": _digest(manifest_bytes),
-                "size": len(manifest_bytes),
-                "annotations": {"org.opencontainers.image.ref.name": ref},
-            }
-        ],
+    blobs = {_digest(b): b for b in [config_bytes, manifest_bytes, *packed]}
+    descriptor = {
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": _digest(manifest_bytes),
+        "size": len(manifest_bytes),
     }
+    return descriptor, blobs
+
+
+def layout_members(descriptors: Sequence[dict[str, Any]], blobs: dict[str, bytes]) -> list[Member]:
+    """An OCI image layout: oci-layout, index.json listing `descriptors`, blobs."""
+    import json
+
+    index = {"schemaVersion": 2, "manifests": list(descriptors)}
     members = [
         member("oci-layout", data=b'{"imageLayoutVersion": "1.0.0"}'),
         member("index.json", data=json.dumps(index).encode()),
         member("blobs", "dir"),
         member("blobs/sha256", "dir"),
     ]
-    for blob in [config_bytes, manifest_bytes, *packed]:
-        name = f"blobs/sha256/{_digest(blob)[7:]}"
-        if name not in {m[0].name for m in members}:
-            members.append(member(name, data=blob))
+    members += [member(f"blobs/sha256/{d[7:]}", data=b) for d, b in sorted(blobs.items())]
     return members
+
+
+def oci_layout(
+    layers: Sequence[bytes], ref: str = "test/oci:1", compress: str = "gzip"
+) -> list[Member]:
+    """The members of an OCI image layout holding one image."""
+    descriptor, blobs = oci_image(layers, compress)
+    descriptor["annotations"] = {"org.opencontainers.image.ref.name": ref}
+    return layout_members([descriptor], blobs)
+
+
+def image_index(
+    platforms: dict[str, dict[str, Any] | None], blobs: dict[str, bytes]
+) -> dict[str, Any]:
+    """Add an image index to `blobs` listing a manifest per "os/arch[/variant]"
+    (None: a manifest whose blob is absent, as in a partial multi-arch copy);
+    returns the index's descriptor."""
+    import json
+
+    manifests = []
+    for name, descriptor in platforms.items():
+        os_, arch, *variant = name.split("/")
+        if descriptor is None:
+            descriptor = {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": _digest(name.encode()),
+                "size": 1,
+            }
+        platform = {"os": os_, "architecture": arch, **({"variant": variant[0]} if variant else {})}
+        manifests.append({**descriptor, "platform": platform})
+    index = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests,
+    }
+    data = json.dumps(index).encode()
+    blobs[_digest(data)] = data
+    return {"mediaType": index["mediaType"], "digest": _digest(data), "size": len(data)}
+
+
+def docker25_archive(
+    layers: Sequence[bytes], tag: str = "test/d25:1", compress: str = "none"
+) -> bytes:
+    """A Docker 25+ `docker save`: an OCI layout plus the legacy manifest.json
+    whose paths point into blobs/sha256 (uncompressed layers with the graph
+    driver store, the pulled gzip blobs with the containerd store)."""
+    import json
+
+    descriptor, blobs = oci_image(layers, compress)
+    repo, _, version = tag.rpartition(":")
+    descriptor["annotations"] = {
+        "io.containerd.image.name": f"docker.io/{repo}:{version}",
+        "org.opencontainers.image.ref.name": version,
+    }
+    manifest = json.loads(blobs[descriptor["digest"]])
+    legacy = [
+        {
+            "Config": "blobs/sha256/" + manifest["config"]["digest"][7:],
+            "RepoTags": [tag],
+            "Layers": ["blobs/sha256/" + d["digest"][7:] for d in manifest["layers"]],
+        }
+    ]
+    members = layout_members([descriptor], blobs)
+    members.append(member("manifest.json", data=json.dumps(legacy).encode()))
+    repositories = {repo: {version: manifest["config"]["digest"][7:]}}
+    members.append(member("repositories", data=json.dumps(repositories).encode()))
+    return tar_bytes(members)
+
+
+def docker_legacy_archive(
+    layers: Sequence[bytes], tag: str = "test/legacy:1", layer_links: dict[int, str] | None = None
+) -> bytes:
+    """A pre-25 `docker save`: `<id>/layer.tar`, `<id>/json`, `<id>/VERSION` per
+    layer, `<config hex>.json`, manifest.json and repositories. A layer whose
+    content equals an earlier one's is stored once: its `layer.tar` is a symlink
+    `../<first id>/layer.tar`, as moby writes it. `layer_links` overrides the
+    symlink target of layer N (for hostile cases)."""
+    import hashlib
+    import json
+
+    config_bytes = image_config([_digest(layer) for layer in layers])
+    config_file = _digest(config_bytes)[7:] + ".json"
+    members = [member(config_file, data=config_bytes)]
+    first_dir: dict[bytes, str] = {}
+    ids: list[str] = []
+    for number, layer in enumerate(layers):
+        parent = ids[-1] if ids else ""
+        layer_id = hashlib.sha256(f"{parent} {_digest(layer)}".encode()).hexdigest()
+        v1 = {"id": layer_id, "created": "1970-01-01T00:00:00Z", "container_config": {}}
+        if parent:
+            v1["parent"] = parent
+        members += [
+            member(layer_id, "dir"),
+            member(f"{layer_id}/VERSION", data=b"1.0"),
+            member(f"{layer_id}/json", data=json.dumps(v1).encode()),
+        ]
+        link = (layer_links or {}).get(number)
+        if link is None and layer in first_dir:
+            link = f"../{first_dir[layer]}/layer.tar"
+        if link is None:
+            members.append(member(f"{layer_id}/layer.tar", data=layer))
+            first_dir[layer] = layer_id
+        else:
+            members.append(member(f"{layer_id}/layer.tar", "symlink", linkname=link))
+        ids.append(layer_id)
+    repo, _, version = tag.rpartition(":")
+    manifest = [
+        {"Config": config_file, "RepoTags": [tag], "Layers": [f"{i}/layer.tar" for i in ids]}
+    ]
+    members.append(member("manifest.json", data=json.dumps(manifest).encode()))
+    members.append(member("repositories", data=json.dumps({repo: {version: ids[-1]}}).encode()))
+    return tar_bytes(members)
