@@ -17,8 +17,6 @@ import base64
 import contextlib
 import json
 import os
-import platform
-import secrets
 import shutil
 import stat
 import tempfile
@@ -40,7 +38,7 @@ DEFAULT_IMAGE_SIZE = "10G"
 
 
 def _short_name() -> str:
-    return base64.b32encode(secrets.token_bytes(16)).decode()[:26]
+    return base64.b32encode(os.urandom(16)).decode()[:26]
 
 
 def _has_index_param() -> bool:
@@ -90,7 +88,7 @@ class Overlay2Driver(Driver):
 
     @classmethod
     def version(cls) -> str:
-        return f"kernel {platform.release()}"
+        return f"kernel {os.uname().release}"
 
     # -- lifecycle: where the layers live ------------------------------------
 

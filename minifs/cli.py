@@ -358,7 +358,49 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # -- parser -------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Skipped:
+    """Stands in for the parser of a subcommand this run will not use."""
+
+    def __getattr__(self, name: str) -> Callable[..., _Skipped]:
+        return lambda *args, **kwargs: self
+
+
+class _OnlyCommand:
+    """argparse's subparsers, adding only the subcommand on the command line.
+
+    Each subparser costs about 1.5 ms to build (argparse looks up gettext
+    catalogs for every help string), and minifs has a few dozen: building them
+    all would add ~40 ms to every command, more than a whole `ctr` call. With no
+    recognisable command (`minifs --help`, a typo), all are built, so help and
+    "invalid choice" errors stay complete.
+    """
+
+    def __init__(self, real: Any, wanted: str | None) -> None:
+        self.real = real
+        self.wanted = wanted
+        self.found = False
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        if self.wanted is None or name == self.wanted:
+            self.found = True
+            return self.real.add_parser(name, **kwargs)
+        return _Skipped()
+
+
+def _command_word(argv: Sequence[str]) -> str | None:
+    """The subcommand in argv, skipping global options and their values."""
+    it = iter(argv)
+    for word in it:
+        if word in ("--root", "--storage-opt"):
+            next(it, None)
+        elif word == "--":
+            return next(it, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(command_word: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minifs",
         description="Container storage drivers, side by side: clone, snapshot, mount, measure.",
@@ -375,7 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="driver option, e.g. overlay2.backing=loop (repeatable)",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = _OnlyCommand(
+        parser.add_subparsers(dest="command", metavar="COMMAND", required=True), command_word
+    )
     default_driver = os.environ.get("MINIFS_DRIVER", DEFAULT_DRIVER)
 
     def command(
@@ -503,11 +547,14 @@ def build_parser() -> argparse.ArgumentParser:
     from minifs.container.commands import add_container_parser
 
     add_container_parser(sub, default_driver)
+    if not sub.found:
+        return build_parser()  # not a command: build all, for help and the error
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command_word(argv)).parse_args(argv)
     try:
         return args.func(args)
     except MinifsError as exc:

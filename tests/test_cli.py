@@ -273,3 +273,27 @@ def test_help():
     assert done.stdout.startswith("usage: minifs")
     for command in ("clone", "snapshot", "mount", "umount", "gc", "down", "drivers"):
         assert command in done.stdout
+
+
+def test_every_command_parses_alone(capsys: pytest.CaptureFixture[str]):
+    """The parser builds only the subcommand on the command line; each one must
+    still parse its own --help, and global options before it must not be taken
+    for the command."""
+    from minifs.cli import _command_word, build_parser
+
+    full = build_parser()
+    commands = full._subparsers._group_actions[0].choices  # argparse keeps them here
+    assert {"clone", "image", "run", "bench", "diff"} <= set(commands)
+    for command in commands:
+        argv = ["--root", "/nonexistent", "--storage-opt", "vfs.x=y", command, "--help"]
+        assert _command_word(argv) == command
+        with pytest.raises(SystemExit) as exited:
+            build_parser(_command_word(argv)).parse_args(argv)
+        assert exited.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: minifs {command}")
+
+
+def test_unknown_command_lists_every_command():
+    done = subprocess.run([MINIFS, "--root", "/x", "nope"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "invalid choice: 'nope'" in done.stderr and "'run'" in done.stderr
