@@ -172,3 +172,30 @@ def test_options_conflicting_with_recorded_backing(open_storage, cli, conflict):
     assert storage.list() == rows
     # Agreeing (or automatic) options are fine.
     open_storage("overlay2", backing="auto", size=SIZE).clone("y")
+
+
+def test_auto_backing_uses_a_loop_image_where_overlay_cannot_be_upper(tmp_path: Path):
+    """A state dir on overlayfs (minifs itself inside a container) cannot hold
+    overlay upper dirs; `backing=auto` must notice and move to a loop image."""
+    from minifs.storage import Storage
+
+    for sub in ("lower", "upper", "work", "merged"):
+        (tmp_path / sub).mkdir()
+    options = f"lowerdir={tmp_path}/lower,upperdir={tmp_path}/upper,workdir={tmp_path}/work"
+    linux.mount("overlay", tmp_path / "merged", "overlay", 0, options)
+    try:
+        storage = Storage("overlay2", tmp_path / "merged" / "state", {"size": SIZE})
+        try:
+            storage.clone("base")
+            assert json.loads(storage.driver.config_path.read_text())["backing"] == "loop"
+            assert linux.is_mountpoint(storage.driver.data)
+            storage.snapshot("base", "layer")
+            storage.clone("work", "layer")  # a real overlay clone on the loop image
+            assert {i.name for i in storage.list()} == {"layer", "work"}
+            storage.remove("work")
+            storage.remove("layer")
+        finally:
+            storage.down()
+            storage.close()
+    finally:
+        linux.umount(tmp_path / "merged")
