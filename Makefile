@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc e2fsprogs util-linux coreutils attr \
-	kmod busybox-static podman runc iproute2 crun hyperfine skopeo umoci
+	kmod busybox-static podman runc iproute2 crun hyperfine skopeo umoci nftables
 STAMP := $(VENV)/.setup-done
 
 .PHONY: setup test bench bench-micro lint bytecode clean

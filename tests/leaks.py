@@ -106,10 +106,10 @@ def netns_prefix(scope: Path) -> str:
 
 
 def cgroups_under(scope: Path) -> set[str]:
-    from minifs.container.cgroups import parent_dirs
+    from minifs.container.cgroups import places
 
     found = set()
-    for _, parent, _ in parent_dirs(cgroup_parent(scope))[1].values():
+    for parent in {place.parent for place in places(cgroup_parent(scope)).values()}:
         for top, dirs, _ in os.walk(parent):
             found.add(top)
             found.update(os.path.join(top, d) for d in dirs)

@@ -6,7 +6,10 @@ network namespace the test makes (`ip netns add`) and deletes afterwards.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from minifs.container.network import LEASES_DIR
+from minifs.container.records import alive
 from tests import leaks
+from tests.conftest import MINIFS
 from tests.test_run import Run, env, inspect, minifs, no_containers_left, state  # noqa: F401
 
 
@@ -26,6 +31,21 @@ def netns(scope: Path) -> Iterator[str]:
         yield name
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=True)
+
+
+def enter(netns: str) -> tuple[str, ...]:
+    """The prefix that runs minifs in `netns`. Not `ip netns exec`: that also
+    remounts /sys, and with it goes every cgroup hierarchy under /sys/fs/cgroup."""
+    return ("nsenter", f"--net=/run/netns/{netns}")
+
+
+def start_on_bridge(minifs: Run, netns: str, name: str, *flags: str) -> None:  # noqa: F811
+    """A detached, self-removing `sleep 60` named `name` on the bridge in `netns`."""
+    started = minifs(
+        "run", "-d", "--rm", "--net", "bridge", *flags, "--name", name, "busybox", "sleep", "60",
+        prefix=enter(netns),
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
 
 
 def in_netns(netns: str, *argv: str) -> subprocess.CompletedProcess:
@@ -48,12 +68,8 @@ def test_two_containers_reach_each_other_and_the_gateway(
     state: Path,  # noqa: F811
     netns: str,
 ) -> None:
-    inside = ("ip", "netns", "exec", netns)
-    started = minifs(
-        "run", "-d", "--rm", "--net", "bridge", "--name", "server", "busybox", "sleep", "60",
-        prefix=inside,
-    )  # fmt: skip
-    assert started.returncode == 0, started.stderr
+    inside = enter(netns)
+    start_on_bridge(minifs, netns, "server")
     try:
         server = inspect(minifs, "server")
         assert server["ip"] == "172.17.0.2" and server["gateway"] == "172.17.0.1"
@@ -90,12 +106,8 @@ def test_taken_address_and_overlapping_subnet_are_125(
     state: Path,  # noqa: F811
     netns: str,
 ) -> None:
-    inside = ("ip", "netns", "exec", netns)
-    started = minifs(
-        "run", "-d", "--rm", "--net", "bridge", "--ip", "172.17.0.9", "--name", "holder",
-        "busybox", "sleep", "60", prefix=inside,
-    )  # fmt: skip
-    assert started.returncode == 0, started.stderr
+    inside = enter(netns)
+    start_on_bridge(minifs, netns, "holder", "--ip", "172.17.0.9")
     try:
         taken = minifs(
             "run", "--rm", "--net", "bridge", "--ip", "172.17.0.9", "busybox", "true",
@@ -117,4 +129,74 @@ def test_taken_address_and_overlapping_subnet_are_125(
     assert "overlaps the route to 172.17.5.0/24 on lan0" in overlap.stderr
     assert len(overlap.stderr.strip().splitlines()) == 1
     assert links(netns) == ["lan0", "lan1", "lo"]
+    no_containers_left(minifs, state)
+
+
+def nat_table(netns: str) -> str | None:
+    """The masquerade rule of minifs0's table in `netns`, or None without the table."""
+    listed = in_netns(netns, "nft", "list", "table", "ip", "minifs-minifs0")
+    if listed.returncode != 0:
+        return None
+    return next(line.strip() for line in listed.stdout.splitlines() if "masquerade" in line)
+
+
+def test_masquerade_is_a_bridge_setting_made_and_removed_with_it(
+    minifs: Run,  # noqa: F811
+    state: Path,  # noqa: F811
+    netns: str,
+) -> None:
+    """Only the nft table is looked at: no packet is sent anywhere."""
+    assert nat_table(netns) is None
+    start_on_bridge(minifs, netns, "plain")
+    start_on_bridge(minifs, netns, "natted", "--masquerade")
+    try:
+        rule = nat_table(netns)
+        assert rule == 'ip saddr 172.17.0.0/16 oifname != "minifs0" masquerade'
+        assert in_netns(netns, "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip() == "1"
+        # The bridge keeps it while any container is on it, whoever asked.
+        assert minifs("stop", "-t", "0", "natted").returncode == 0
+        assert nat_table(netns) == rule
+    finally:
+        stopped = minifs("stop", "-t", "0", "plain")
+    assert stopped.returncode == 0, stopped.stderr
+    assert nat_table(netns) is None
+    assert links(netns) == ["lo"]
+    no_containers_left(minifs, state)
+
+
+def test_killed_foreground_run_is_reclaimed_by_gc(
+    minifs: Run,  # noqa: F811
+    state: Path,  # noqa: F811
+    env: dict[str, str],  # noqa: F811
+    netns: str,
+) -> None:
+    """SIGKILL to `minifs run` itself: its children die with it, and the
+    cgroup, clone, record, lease, bridge and nft table it held go at the
+    next `minifs gc`."""
+    proc = subprocess.Popen(
+        [*enter(netns), MINIFS, "run", "--rm", "--net", "bridge",
+         "--masquerade", "--memory", "64M", "--name", "doomed",
+         "busybox", "sh", "-c", "echo ready; exec sleep 60"],
+        env=env, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        data = inspect(minifs, "doomed")
+        assert data["monitor_pid"] == proc.pid  # nsenter execs minifs
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        proc.stdout.close()
+    deadline = time.monotonic() + 10
+    while alive(data["pid"], data["pid_start"]):
+        assert time.monotonic() < deadline, "PID 1 outlived minifs run"
+        time.sleep(0.02)
+    assert all(Path(p).exists() for p in data["cgroup"]["paths"].values())
+    assert "minifs0" in links(netns) and nat_table(netns) is not None
+    gc = minifs("gc", prefix=enter(netns))
+    assert gc.returncode == 0, gc.stderr
+    assert not any(Path(p).exists() for p in data["cgroup"]["paths"].values())
+    assert links(netns) == ["lo"] and nat_table(netns) is None
+    assert not (LEASES_DIR / f"{netns_inode(netns)}-minifs0.json").exists()
     no_containers_left(minifs, state)

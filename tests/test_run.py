@@ -19,12 +19,14 @@ from pathlib import Path
 
 import pytest
 
+from minifs.container.cgroups import Hierarchy, choose, hierarchies, own_cgroups
 from minifs.errors import MinifsError
 from minifs.images import ensure_busybox, resolve_layer
 from minifs.plugins import registered
 from minifs.storage import Storage
 from tests import leaks
 from tests.conftest import MINIFS, driver_params
+from tests.corpus import docker_archive, member, tar_bytes
 
 Run = Callable[..., subprocess.CompletedProcess]
 
@@ -105,9 +107,8 @@ def wait_exited(minifs: Run, name: str, timeout: float = 30) -> dict:
 
 
 def cgroup_dir(data: dict, controller: str) -> Path:
-    """The container's directory for `controller` (its one directory on v2)."""
-    paths = data["cgroup"]["paths"]
-    return Path(paths["unified"] if data["cgroup"]["version"] == 2 else paths[controller])
+    """The container's directory for `controller` (v2 controllers share one)."""
+    return Path(data["cgroup"]["paths"][controller])
 
 
 def no_containers_left(minifs: Run, state: Path) -> None:
@@ -130,6 +131,7 @@ test -e /.oldroot && echo "oldroot visible"
 test -e "$HOST_ONLY" && echo "host file visible"
 echo "devices $(ls /dev | tr '\n' ' ')"
 echo "sys $(touch /sys/x 2>&1 | grep -c 'Read-only')"
+echo "nameservers $(grep '^nameserver' /etc/resolv.conf | cut -d' ' -f2 | tr '\n' ' ')"
 exit 7
 """
 
@@ -158,6 +160,13 @@ def test_isolation_on_every_driver(driver: str, minifs: Run, state: Path, tmp_pa
     assert socket.gethostname() == host_name
     assert set(out["devices"].split()) >= {"null", "zero", "full", "random", "urandom", "tty"}
     assert out["sys"] == "1"
+    # The host's resolvers, but not a loopback one: in the container's own
+    # network namespace 127.0.0.53 would be nobody.
+    host = [line.split()[1] for line in Path("/etc/resolv.conf").read_text().splitlines()
+            if line.startswith("nameserver") and len(line.split()) > 1]  # fmt: skip
+    assert out.get("nameservers", "").split() == [
+        ns for ns in host if not ns.startswith("127.") and ns != "::1"
+    ]
     no_containers_left(minifs, state)
 
 
@@ -165,16 +174,23 @@ def test_trace_names_the_seed_steps(minifs: Run) -> None:
     done = minifs("run", "--rm", "--trace", "busybox", "true")
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.startswith("minifs trace")]
-    wanted = ["clone", "cgroup", "fork", "unshare", "pivot_root", "mount", "hostname", "exec"]
-    assert [s for line in lines if (s := line.split()[2]) in wanted] == [
-        "clone", "cgroup", "fork", "cgroup", "unshare", "fork", "cgroup", "mount", "pivot_root",
-        "mount", "mount", "hostname", "exec",
-    ]  # fmt: skip
-    assert all(" ms " in line for line in done.stderr.splitlines() if "minifs trace" in line)
+    assert all(" ms " in line for line in lines)
+    steps = [line[len("minifs trace") :].split("  ")[1].strip() for line in lines]
+    monitor = ["storage", "cgroup", "fork", "image", "clone", "cgroup", "started"]
+    unshare = ["cgroup", "unshare", "fork"]
+    pid1 = ["mount", "mount", "pivot_root", "mount proc", "umount old", "mount dev", "hostname"]
+    assert sorted(steps) == sorted([*monitor, *unshare, *pid1, "exec"]), steps
+    # The monitor clones while the unshare process joins the cgroup, so their
+    # lines interleave; PID 1 goes on once the clone is there, in the seed's order.
+    after = ["clone", "pivot_root", "mount proc", "umount old", "mount dev", "hostname", "exec"]
+    assert [s for s in steps if s in after] == after
+    assert steps.index("unshare") < steps.index("pivot_root")
 
 
-def test_signals_reach_the_container(minifs: Run, env: dict[str, str]) -> None:
-    script = 'trap "echo got TERM; exit 42" TERM; echo ready; while :; do sleep 0.05; done'
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=str)
+def test_signals_reach_the_container(minifs: Run, env: dict[str, str], sig: int) -> None:
+    name = signal.Signals(sig).name[3:]
+    script = f'trap "echo got {name}; exit 42" {name}; echo ready; while :; do sleep 0.05; done'
     proc = subprocess.Popen(
         [MINIFS, "run", "--rm", "busybox", "sh", "-c", script],
         env=env,
@@ -183,10 +199,44 @@ def test_signals_reach_the_container(minifs: Run, env: dict[str, str]) -> None:
     )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     assert proc.wait(timeout=20) == 42
-    assert proc.stdout.read().strip() == "got TERM"
+    assert proc.stdout.read().strip() == f"got {name}"
     proc.stdout.close()
+
+
+def test_image_entrypoint_cmd_env_workdir_as_docker(
+    minifs: Run, state: Path, tmp_path: Path
+) -> None:
+    """Entrypoint + Cmd, a CMD on the command line replacing Cmd only, the
+    image's Env under -e, WorkingDir under -w: docker's rules."""
+    busybox = Path("/bin/busybox").read_bytes()
+    layer = tar_bytes([
+        member("bin", "dir"),
+        member("bin/busybox", data=busybox, mode=0o755),
+        member("bin/sh", "hardlink", linkname="bin/busybox"),
+        member("data", "dir"),
+    ])  # fmt: skip
+    config = {
+        "Entrypoint": ["/bin/sh", "-c"],
+        "Cmd": ['echo "cmd $FOO $PWD $PATH $HOME"'],
+        "Env": ["FOO=image", "PATH=/bin"],
+        "WorkingDir": "/data",
+    }
+    archive = tmp_path / "cfg.tar"
+    archive.write_bytes(docker_archive([layer], tags=("test/cfg:1",), config=config))
+    assert minifs("image", "import", str(archive)).returncode == 0
+    try:
+        plain = minifs("run", "--rm", "test/cfg:1")
+        assert (plain.returncode, plain.stdout) == (0, "cmd image /data /bin /root\n"), plain
+        override = minifs("run", "--rm", "test/cfg:1", 'echo "override $FOO"')
+        assert override.stdout == "override image\n", override.stderr
+        flags = minifs("run", "--rm", "-e", "FOO=cli", "-w", "/tmp", "test/cfg:1")
+        assert flags.stdout == "cmd cli /tmp /bin /root\n", flags.stderr
+    finally:
+        removed = minifs("image", "rm", "test/cfg:1")
+    assert removed.returncode == 0, removed.stderr
+    no_containers_left(minifs, state)
 
 
 # -- cgroup limits -------------------------------------------------------------------
@@ -200,12 +250,12 @@ def test_cpu_limit_holds_a_busy_loop_to_20_percent(minifs: Run) -> None:
     assert done.returncode == 0, done.stderr
     try:
         data = inspect(minifs, "spin")
-        counter = cgroup_dir(data, "cpuacct")
-        read = (
-            (lambda: int((counter / "cpuacct.usage").read_text()))
-            if data["cgroup"]["version"] == 1
-            else (lambda: int((counter / "cpu.stat").read_text().split()[1]) * 1000)
-        )
+        if "cpuacct" in data["cgroup"]["paths"]:  # v1: its own counter
+            counter = cgroup_dir(data, "cpuacct") / "cpuacct.usage"
+            read = lambda: int(counter.read_text())  # noqa: E731
+        else:  # v2: usage_usec, the first line of cpu.stat
+            counter = cgroup_dir(data, "cpu") / "cpu.stat"
+            read = lambda: int(counter.read_text().split()[1]) * 1000  # noqa: E731
         time.sleep(0.3)  # past the first period, which starts with a full quota
         t0, u0 = time.monotonic(), read()
         time.sleep(2.0)
@@ -271,22 +321,38 @@ def test_pids_limit_stops_a_fork_bomb(minifs: Run, state: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "words"),
+    ("args", "code", "words"),
     [
-        (["no-such-image", "true"], "no layer or image named"),
-        (["--memory", "1k", "busybox", "true"], "--memory 1k"),
-        (["--cpus", "0", "busybox", "true"], "--cpus 0"),
-        (["busybox", "no-such-command"], "no-such-command: command not found"),
-        (["--net", "none", "--ip", "10.1.1.1", "busybox", "true"], "--ip needs --net bridge"),
-        (["--name", "bad/name", "busybox", "true"], "invalid container name"),
+        (["no-such-image", "true"], 125, "no layer or image named"),
+        (["--memory", "1k", "busybox", "true"], 125, "--memory 1k"),
+        (["--cpus", "0", "busybox", "true"], 125, "--cpus 0"),
+        (["busybox", "no-such-command"], 125, "no-such-command: command not found"),
+        (["busybox", "/etc/passwd"], 126, "/etc/passwd: permission denied"),
+        (["--net", "none", "--ip", "10.1.1.1", "busybox", "true"], 125, "--ip needs --net"),
+        (["--masquerade", "busybox", "true"], 125, "--masquerade needs --net bridge"),
+        (["--name", "bad/name", "busybox", "true"], 125, "invalid container name"),
+        (["--size", "10G", "busybox", "true"], 125, "overlay2 driver cannot cap"),
+        (["--size", "ten", "busybox", "true"], 125, "--size 'ten' is not a size"),
     ],
-    ids=["unknown-image", "memory-1k", "cpus-0", "no-command", "ip-without-bridge", "bad-name"],
+    ids=[
+        "unknown-image",
+        "memory-1k",
+        "cpus-0",
+        "no-command",
+        "not-executable",
+        "ip-without-bridge",
+        "masquerade-without-bridge",
+        "bad-name",
+        "size",
+        "bad-size",
+    ],
 )
-def test_bad_input_is_125_and_leaves_nothing(
-    minifs: Run, state: Path, args: list[str], words: str
+def test_bad_input_is_one_line_and_leaves_nothing(
+    minifs: Run, state: Path, args: list[str], code: int, words: str
 ) -> None:
+    """125 for minifs's own errors, 126 for a command that cannot be run (as docker)."""
     done = minifs("run", "--rm", *args)
-    assert done.returncode == 125, done.stderr
+    assert done.returncode == code, done.stderr
     assert words in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert "Traceback" not in done.stderr
@@ -315,3 +381,28 @@ def test_help_loads_neither_pyroute2_nor_rich() -> None:
         check=True,
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_cgroup_version_is_chosen_per_controller(tmp_path: Path) -> None:
+    """This machine binds cpu, memory and pids to v1 hierarchies and mounts an
+    empty cgroup2 beside them: each goes to v1. A v2 hierarchy that offers
+    only memory and pids (written out as its cgroup.controllers) takes those
+    two while cpu stays on v1: the choice is made per controller."""
+    real = choose(hierarchies(), own_cgroups(), "minifs")
+    assert {c: p.version for c, p in real.items() if c in ("cpu", "memory", "pids")} == {
+        "cpu": 1, "memory": 1, "pids": 1
+    }  # fmt: skip
+    v2 = tmp_path / "unified"
+    v2.mkdir()
+    (v2 / "cgroup.controllers").write_text("memory pids io\n")
+    found = [
+        Hierarchy(tmp_path / "cpu", "/", frozenset({"cpu", "cpuacct"}), 1),
+        Hierarchy(v2, "/", frozenset(), 2),
+    ]
+    mixed = choose(found, {"": "/", "cpu": "/", "cpuacct": "/"}, "/minifs")
+    assert {c: (p.version, p.parent) for c, p in mixed.items()} == {
+        "cpu": (1, tmp_path / "cpu" / "minifs"),
+        "cpuacct": (1, tmp_path / "cpu" / "minifs"),
+        "memory": (2, v2 / "minifs"),
+        "pids": (2, v2 / "minifs"),
+    }

@@ -1,16 +1,23 @@
-"""cgroup limits for one container: cgroup v2 when it has the controllers, else v1.
+"""cgroup limits for one container, each controller on cgroup v2 where it is
+available there, else on its cgroup v1 hierarchy.
 
 The seed's `cgcreate -g cpu,memory:myContainer` and `cgclassify`, as mkdir and
 writes: cpu as quota/period (20% of a core = 20000/100000), memory as a hard
-limit, pids as a maximum. On v1 each controller is its own hierarchy (this
-machine mounts cpu, cpuacct, memory and pids apart), so one container is one
-directory in each; on v2 it is one directory.
+limit, pids as a maximum. The choice is made per controller because a
+controller lives in one hierarchy at a time: bound to a v1 hierarchy (this
+machine mounts cpu, cpuacct, memory and pids apart, with cgroup2 beside them
+and empty), it is missing from v2's `cgroup.controllers`. So a container is
+one directory per v1 hierarchy it uses plus, if any controller is on v2, one
+v2 directory holding all of those.
 
 Where: under `MINIFS_CGROUP_PARENT` (default `minifs`). A relative parent nests
 below the cgroup minifs itself runs in, so a container never escapes the limits
 and accounting of whoever started minifs; an absolute one starts at the
 hierarchy's root, as docker's cgroupfs driver does with `/docker`. Parent
-directories minifs made are removed again when they empty.
+directories minifs made are removed again when they empty. On v2 a relative
+parent works only while minifs runs in the root cgroup: v2 hands no controller
+down from a cgroup holding processes (minifs itself), so elsewhere (a systemd
+session) it must be absolute, and minifs says so.
 """
 
 from __future__ import annotations
@@ -20,29 +27,39 @@ import errno
 import os
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from minifs.container import ContainerError
 from minifs.container.spec import CPU_PERIOD_US, Limits
 
 PARENT_ENV = "MINIFS_CGROUP_PARENT"
 DEFAULT_PARENT = "minifs"
-CONTROLLERS = ("cpu", "cpuacct", "memory", "pids")
+V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids")
 """v1 controllers a container gets a directory in: the three limits, plus
 cpuacct for the usage counter where it is a hierarchy of its own."""
 V2_CONTROLLERS = ("cpu", "memory", "pids")
-UNIFIED = "unified"
-"""The key of the one v2 directory in `Cgroup.paths`."""
+"""On v2 the usage counter (cpu.stat) is in every cgroup: no cpuacct."""
 
 
-@dataclass(frozen=True)
-class Hierarchy:
+class Hierarchy(NamedTuple):
     mountpoint: Path
     root: str
     """The mount's root inside the hierarchy (not "/" inside a cgroup namespace)."""
     controllers: frozenset[str]
     version: int
+
+
+class Place(NamedTuple):
+    """Where one controller's container cgroups go."""
+
+    version: int
+    base: Path
+    """The directory minifs never removes: its own cgroup, or the hierarchy's root."""
+    parent: Path
+    """The containers' parent directory: `base / MINIFS_CGROUP_PARENT`."""
+    home: Path
+    """The cgroup minifs itself runs in."""
 
 
 def hierarchies() -> list[Hierarchy]:
@@ -54,7 +71,7 @@ def hierarchies() -> list[Hierarchy]:
             fields, tail = left.split(), right.split()
             fstype, superopts = tail[0], tail[2] if len(tail) > 2 else ""
             if fstype == "cgroup":
-                controllers = frozenset(o for o in superopts.split(",") if o in CONTROLLERS)
+                controllers = frozenset(o for o in superopts.split(",") if o in V1_CONTROLLERS)
                 if controllers:
                     found.append(Hierarchy(Path(fields[4]), fields[3], controllers, 1))
             elif fstype == "cgroup2":
@@ -79,39 +96,35 @@ def _inside(h: Hierarchy, path: str) -> Path:
     return h.mountpoint if rel == "." else h.mountpoint / rel
 
 
-def _base(h: Hierarchy, own: str, parent: str) -> tuple[Path, Path]:
-    """(the directory minifs must not remove, the parent its containers go in)."""
-    if parent.startswith("/"):
-        return h.mountpoint, h.mountpoint / parent.strip("/")
-    base = _inside(h, own)
-    return base, base / parent
+def _place(h: Hierarchy, own: str, parent: str) -> Place:
+    home = _inside(h, own)
+    base = h.mountpoint if parent.startswith("/") else home
+    return Place(h.version, base, base / parent.strip("/"), home)
 
 
-def _v2_usable(h: Hierarchy, own: str) -> bool:
-    try:
-        available = set((_inside(h, own) / "cgroup.controllers").read_text().split())
-    except OSError:
-        return False
-    return set(V2_CONTROLLERS) <= available
-
-
-def parent_dirs(parent: str | None = None) -> tuple[int, dict[str, tuple[Path, Path, Path]]]:
-    """(cgroup version, {controller or "unified": (base, parent dir, own dir)})
-    for the containers' parent `parent` (default: $MINIFS_CGROUP_PARENT or
-    "minifs"); "own dir" is the cgroup this process is in."""
-    parent = parent or os.environ.get(PARENT_ENV) or DEFAULT_PARENT
-    own = own_cgroups()
-    found = hierarchies()
+def choose(found: list[Hierarchy], own: dict[str, str], parent: str) -> dict[str, Place]:
+    """controller -> Place: v2 for each controller v2 offers at the base, the
+    v1 hierarchy holding it for the others, nothing for a controller in neither."""
+    places: dict[str, Place] = {}
     for h in found:
-        if h.version == 2 and _v2_usable(h, own.get("", "/")):
-            here = own.get("", "/")
-            return 2, {UNIFIED: (*_base(h, here, parent), _inside(h, here))}
-    dirs = {}
+        if h.version == 2:
+            place = _place(h, own.get("", "/"), parent)
+            try:
+                offered = (place.base / "cgroup.controllers").read_text().split()
+            except OSError:
+                continue
+            places.update((c, place) for c in V2_CONTROLLERS if c in offered)
     for h in found:
         for controller in h.controllers:
-            here = own.get(controller, "/")
-            dirs[controller] = (*_base(h, here, parent), _inside(h, here))
-    return 1, dirs
+            places.setdefault(controller, _place(h, own.get(controller, "/"), parent))
+    return places
+
+
+def places(parent: str | None = None) -> dict[str, Place]:
+    """Where each controller's container cgroups go for `parent` (default:
+    $MINIFS_CGROUP_PARENT or "minifs")."""
+    parent = parent or os.environ.get(PARENT_ENV) or DEFAULT_PARENT
+    return choose(hierarchies(), own_cgroups(), parent)
 
 
 def _write(path: Path, value: str) -> None:
@@ -119,12 +132,21 @@ def _write(path: Path, value: str) -> None:
         f.write(value)
 
 
-def _mkdir_chain(target: Path, base: Path) -> None:
-    """mkdir -p, retried when a concurrent container removes an emptied parent
-    between our two mkdirs (every remover rmdirs parents it finds empty)."""
+def _make(target: Path, base: Path, v2: list[str]) -> None:
+    """mkdir -p from `base` down to `target`, on v2 handing the controllers
+    `v2` down at every level: v2 gives a controller to a child only when each
+    ancestor below the base, base included, enables it in its
+    cgroup.subtree_control. Retried when a concurrent container's end removes
+    an emptied parent between our steps (every remover rmdirs parents it
+    finds empty)."""
+    chain = [target.parent, *target.parent.parents]
+    ancestors = chain[chain.index(base) :: -1]  # base first
     for _ in range(10):
         try:
-            target.mkdir(parents=True)
+            for ancestor in ancestors:
+                ancestor.mkdir(exist_ok=True)
+                _enable(ancestor, v2)
+            target.mkdir()
             return
         except FileNotFoundError:
             continue
@@ -133,12 +155,34 @@ def _mkdir_chain(target: Path, base: Path) -> None:
     raise ContainerError(f"cannot create cgroup {target} below {base}: it keeps vanishing")
 
 
-@dataclass
-class Cgroup:
-    """A container's cgroup directories: controller -> path (v1) or {"unified": path}."""
+def _enable(cgroup: Path, controllers: list[str]) -> None:
+    """Enable `controllers` for the children of a v2 cgroup. The kernel refuses
+    (EBUSY) in a cgroup holding processes, such as the one minifs runs in
+    unless that is the root: then only an absolute parent works."""
+    if not controllers:
+        return
+    enabled = (cgroup / "cgroup.subtree_control").read_text().split()
+    for controller in controllers:
+        if controller not in enabled:
+            try:
+                _write(cgroup / "cgroup.subtree_control", f"+{controller}")
+            except FileNotFoundError:
+                raise
+            except OSError as exc:
+                raise ContainerError(
+                    f"cannot enable the {controller} controller in {cgroup} ({exc.strerror}); "
+                    f"set {PARENT_ENV} to an absolute cgroup such as /minifs"
+                ) from None
 
-    version: int
+
+class Cgroup(NamedTuple):
+    """A container's cgroup directories, by controller (see Limits for why a
+    NamedTuple)."""
+
     paths: dict[str, str]
+    """controller -> its directory; the v2 controllers share one."""
+    v2: list[str]
+    """The controllers on cgroup v2."""
     bases: dict[str, str]
     homes: dict[str, str]
     """Where minifs itself runs, per controller: see `leave_pids`."""
@@ -148,72 +192,57 @@ class Cgroup:
         return sorted({Path(p) for p in self.paths.values()})
 
     def dir(self, controller: str) -> Path | None:
-        path = self.paths.get(UNIFIED if self.version == 2 else controller)
+        path = self.paths.get(controller)
         return None if path is None else Path(path)
+
+    def version(self, controller: str) -> int:
+        return 2 if controller in self.v2 else 1
 
     # -- make --------------------------------------------------------------------
 
     @classmethod
     def plan(cls, name: str) -> Cgroup:
         """Where the cgroup of container `name` goes; nothing is created yet."""
-        version, parents = parent_dirs()
+        where = places()
         return cls(
-            version,
-            {key: str(under / name) for key, (_, under, _) in parents.items()},
-            {key: str(base) for key, (base, _, _) in parents.items()},
-            {key: str(home) for key, (_, _, home) in parents.items()},
+            {c: str(p.parent / name) for c, p in where.items()},
+            sorted(c for c, p in where.items() if p.version == 2),
+            {c: str(p.base) for c, p in where.items()},
+            {c: str(p.home) for c, p in where.items()},
         )
 
     def create(self, limits: Limits) -> list[str]:
         """Make the directories and write the limits; returns what was written,
         in the seed's words, for --trace. Undoes everything on failure."""
         wanted = {"cpu": limits.cpus, "memory": limits.memory, "pids": limits.pids}
-        missing = [c for c, v in wanted.items() if v is not None and self.dir(c) is None]
+        missing = [c for c, v in wanted.items() if v is not None and c not in self.paths]
         if missing:
             raise ContainerError(
-                f"no cgroup {' or '.join(missing)} controller is mounted here; "
+                f"no cgroup {' or '.join(missing)} controller is available here; "
                 "drop that limit or mount the controller under /sys/fs/cgroup"
             )
-        done: list[str] = []
+        made: list[str] = []
         try:
             for controller, path in sorted(self.paths.items()):
-                if path not in done:
-                    if self.version == 2:
-                        self._enable_controllers(Path(path).parent)
-                    _mkdir_chain(Path(path), Path(self.bases[controller]))
-                    done.append(path)
-            return [f"mkdir {' '.join(done)}", *self._write_limits(limits)]
+                if path not in made:
+                    v2 = self.v2 if controller in self.v2 else []
+                    _make(Path(path), Path(self.bases[controller]), v2)
+                    made.append(path)
+            return [f"mkdir {' '.join(made)}", *self._write_limits(limits)]
         except BaseException:
             self.remove()
             raise
 
-    def _enable_controllers(self, parent: Path) -> None:
-        """v2 hands a controller to children only when every ancestor enables it."""
-        base = Path(self.bases[UNIFIED])
-        chain = [parent, *parent.parents]
-        for ancestor in reversed(chain[: chain.index(base) + 1] if base in chain else []):
-            ancestor.mkdir(exist_ok=True)
-            enabled = (ancestor / "cgroup.subtree_control").read_text().split()
-            for controller in V2_CONTROLLERS:
-                if controller not in enabled:
-                    try:
-                        _write(ancestor / "cgroup.subtree_control", f"+{controller}")
-                    except OSError as exc:
-                        raise ContainerError(
-                            f"cannot enable the {controller} controller in {ancestor} "
-                            f"({exc.strerror}); set {PARENT_ENV} to a cgroup minifs may manage"
-                        ) from None
-
     def _write_limits(self, limits: Limits) -> list[str]:
         writes: list[tuple[str, str, str]] = []
         if limits.cpus is not None:
-            if self.version == 2:
+            if self.version("cpu") == 2:
                 writes.append(("cpu", "cpu.max", f"{limits.cpu_quota_us} {CPU_PERIOD_US}"))
             else:
                 writes.append(("cpu", "cpu.cfs_period_us", str(CPU_PERIOD_US)))
                 writes.append(("cpu", "cpu.cfs_quota_us", str(limits.cpu_quota_us)))
         if limits.memory is not None:
-            name = "memory.max" if self.version == 2 else "memory.limit_in_bytes"
+            name = "memory.max" if self.version("memory") == 2 else "memory.limit_in_bytes"
             writes.append(("memory", name, str(limits.memory)))
         if limits.pids is not None:
             # One more for the unshare process, until it has forked PID 1 and
@@ -221,7 +250,7 @@ class Cgroup:
             writes.append(("pids", "pids.max", str(limits.pids + 1)))
         said = []
         for controller, name, value in writes:
-            path = self.dir(controller) / name  # type: ignore[operator]
+            path = Path(self.paths[controller]) / name
             try:
                 _write(path, value)
             except OSError as exc:
@@ -242,14 +271,16 @@ class Cgroup:
         """Move `pid` back out of the container's pids cgroup and set the real
         limit. The unshare process must be inside while it unshares (that fixes
         the cgroup namespace's root) and forks PID 1, but then only waits: it
-        must not take one of the container's --pids."""
-        key = UNIFIED if self.version == 2 else "pids"
-        if key not in self.homes:
+        must not take one of the container's --pids. The monitor does the move,
+        from the host's cgroup namespace: with cgroup2's nsdelegate a process
+        may not move itself out of its own cgroup namespace."""
+        if "pids" not in self.paths:
             return "no pids cgroup"
-        _write(Path(self.homes[key]) / "cgroup.procs", str(pid))
-        said = f"echo {pid} > {self.homes[key]}/cgroup.procs"
+        home = self.homes["pids"]
+        _write(Path(home) / "cgroup.procs", str(pid))
+        said = f"echo {pid} > {home}/cgroup.procs"
         if limit is not None:
-            _write(Path(self.paths[key]) / "pids.max", str(limit))
+            _write(Path(self.paths["pids"]) / "pids.max", str(limit))
             said += f"; echo {limit} > pids.max"
         return said
 
@@ -270,21 +301,22 @@ class Cgroup:
 
     def cpu_usage_ns(self) -> int | None:
         """CPU time the container used, from the cgroup's own counter."""
-        if self.version == 2:
+        if "cpuacct" in self.paths:
+            text = self._read("cpuacct", "cpuacct.usage")
+            return None if text is None else int(text)
+        if self.version("cpu") == 2:
             usec = self._field(self._read("cpu", "cpu.stat"), "usage_usec")
             return None if usec is None else usec * 1000
-        text = self._read("cpuacct", "cpuacct.usage")
-        return None if text is None else int(text)
+        return None
 
     def oom_kills(self) -> int:
         """How many processes the OOM killer took in this cgroup."""
-        name = "memory.events" if self.version == 2 else "memory.oom_control"
+        name = "memory.events" if self.version("memory") == 2 else "memory.oom_control"
         return self._field(self._read("memory", name), "oom_kill") or 0
 
     def memory_bytes(self) -> int | None:
-        text = self._read(
-            "memory", "memory.current" if self.version == 2 else "memory.usage_in_bytes"
-        )
+        v2 = self.version("memory") == 2
+        text = self._read("memory", "memory.current" if v2 else "memory.usage_in_bytes")
         return None if text is None else int(text)
 
     def pids_current(self) -> int | None:
@@ -309,6 +341,7 @@ class Cgroup:
         its pid namespace's end and is killed.
         """
         deadline = time.monotonic() + grace
+        v2_dirs = {Path(self.paths[c]) for c in self.v2}
         for path in self.dirs:
             while path.exists():
                 try:
@@ -319,7 +352,7 @@ class Cgroup:
                     if exc.errno != errno.EBUSY:
                         raise
                     if time.monotonic() > deadline:
-                        self._kill_all(path)
+                        _kill_all(path, path in v2_dirs)
                     time.sleep(0.01)
         for controller, path in self.paths.items():
             base = Path(self.bases[controller])
@@ -331,31 +364,21 @@ class Cgroup:
                 except OSError:
                     break
 
-    def _kill_all(self, path: Path) -> None:
-        if self.version == 2:
-            with contextlib.suppress(OSError):
-                _write(path / "cgroup.kill", "1")
-            return
-        with contextlib.suppress(OSError):
-            for pid in (path / "cgroup.procs").read_text().split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-
     def to_record(self) -> dict[str, object]:
-        return {
-            "version": self.version,
-            "paths": self.paths,
-            "bases": self.bases,
-            "homes": self.homes,
-        }
+        return self._asdict()
 
     @classmethod
     def from_record(cls, data: dict[str, object] | None) -> Cgroup | None:
-        if not data:
-            return None
-        return cls(
-            int(data["version"]),  # type: ignore[arg-type]
-            dict(data["paths"]),  # type: ignore[arg-type]
-            dict(data["bases"]),  # type: ignore[arg-type]
-            dict(data["homes"]),  # type: ignore[arg-type]
-        )
+        return cls(**data) if data else None  # type: ignore[arg-type]
+
+
+def _kill_all(path: Path, v2: bool) -> None:
+    """SIGKILL whatever is left in one cgroup directory."""
+    if v2:
+        with contextlib.suppress(OSError):
+            _write(path / "cgroup.kill", "1")
+        return
+    with contextlib.suppress(OSError):
+        for pid in (path / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)

@@ -8,6 +8,7 @@ launcher when it runs, so `minifs --help` never loads pyroute2 or rich.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -27,16 +28,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         limits=Limits.parse(args.memory, args.cpus, args.pids),
         net=args.net,
         ip=args.ip,
+        masquerade=args.masquerade,
+        size=args.size,
         env=parse_env(args.env),
         workdir=args.workdir,
         remove=args.rm,
         detach=args.detach,
         trace=args.trace,
     )
-    if args.detach:
-        print(run_detached(spec, args.root))
-        return 0
-    return run(spec, args.root)
+    try:
+        if args.detach:
+            print(run_detached(spec, args.root))
+            return 0
+        return run(spec, args.root)
+    finally:
+        # The process ends next: with every object in the permanent generation
+        # the interpreter's collections at exit skip them all, ~15 ms of each
+        # `minifs run` spent proving garbage that dies with the process anyway.
+        gc.freeze()
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
@@ -146,6 +155,15 @@ def add_container_parser(sub: argparse._SubParsersAction, default_driver: str) -
         "--net", default="none", choices=("none", "bridge"), help="network (default none)"
     )
     p.add_argument("--ip", metavar="ADDR", help="address on the bridge (default: next free)")
+    p.add_argument(
+        "--masquerade",
+        action="store_true",
+        help="let the bridge's containers reach beyond the host (nftables masquerade, "
+        "kept until the bridge goes with its last container)",
+    )
+    p.add_argument(
+        "--size", metavar="SIZE", help="cap the clone's size (no minifs driver can: refused)"
+    )
     p.add_argument("-e", "--env", action="append", metavar="KEY=VALUE")
     p.add_argument("-w", "--workdir", metavar="DIR", help="working directory inside")
     p.add_argument("--trace", action="store_true", help="print each launch step with its duration")

@@ -2,26 +2,33 @@
 
 Three processes, as in the seed's `ps` output (bash, unshare, bash):
 
-- the *monitor* (minifs run itself, or its detached copy with `-d`) clones the
-  image's layer, makes the cgroup, plugs the veth, forwards signals, waits,
+- the *monitor* (minifs run itself, or its detached copy with `-d`) makes the
+  cgroup, clones the image's layer, plugs the veth, forwards signals, waits,
   and removes everything when the container ends;
 - the *unshare process* joins the cgroup, calls unshare(2) for mount, uts,
   ipc, net, pid and cgroup namespaces, forks once and relays the exit status;
 - *PID 1*: the unshare process is not itself in the pid namespace it made
   (the seed's `--fork` lesson: without the fork there is no PID 1 and the next
-  fork fails with ENOMEM), its child is. PID 1 configures eth0, mounts the
-  clone, pivot_roots into it, mounts /proc, /dev and /sys, sets the hostname
-  and execs the command.
+  fork fails with ENOMEM), its child is. PID 1 waits for the monitor's go
+  (mount records, command, address), configures eth0, mounts the clone,
+  pivot_roots into it, mounts /proc, /dev and /sys, sets the hostname and
+  execs the command.
 
-Each process dies with its parent (PR_SET_PDEATHSIG), so a killed monitor takes
-the namespaces (mounts, veth) down with it; what outlives it (cgroup, clone,
-lease) is named in the container's record and reclaimed by the next minifs.
+The seed clones first; here the unshare process is forked right after the
+cgroup is made and the storage backend is up, and the monitor resolves the
+image and clones while it runs. Joining a cgroup v1 hierarchy costs the kernel
+an RCU grace period (10-20 ms here, the dearest step of a start), which so
+overlaps with the monitor's own work instead of adding to it.
+
+Each process dies with its parent (PR_SET_PDEATHSIG), and PID 1 leaves when
+the monitor's go pipe closes unsaid, so a killed monitor takes the namespaces
+(mounts, veth) down with it; what outlives it (cgroup, clone, lease) is named
+in the container's record and reclaimed by the next minifs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import signal
@@ -29,17 +36,31 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from minifs import linux
 from minifs.container import ContainerError, records, rootfs
 from minifs.container.cgroups import Cgroup
+from minifs.container.lifecycle import clone, create, finish, open_storage
+from minifs.container.process import (
+    DEFAULT_PATH,
+    FORWARDED,
+    close_fds_but,
+    exit_code,
+    report,
+    reported,
+    reset_signals,
+    which,
+)
 from minifs.container.records import Container
 from minifs.container.spec import Spec
-from minifs.errors import MinifsError, NotFound
+from minifs.container.trace import Trace
+from minifs.errors import MinifsError
 from minifs.model import Mount
 from minifs.resources import process_start_time
-from minifs.storage import Storage
+
+if TYPE_CHECKING:
+    from minifs.storage import Storage
 
 NAMESPACES = (
     ("mount", linux.CLONE_NEWNS),
@@ -49,181 +70,37 @@ NAMESPACES = (
     ("pid", linux.CLONE_NEWPID),
     ("cgroup", linux.CLONE_NEWCGROUP),
 )
-FORWARDED = (
-    signal.SIGINT,
-    signal.SIGTERM,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
-CONTAINER_LABEL = "minifs.container"
-"""Set on a container's clone; its value is the container id."""
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-BUSYBOX_REFS = ("busybox", "busybox:latest")
-
-
-class Trace:
-    """`--trace`: one line per step with its duration, written straight to a
-    file descriptor so the three processes never interleave half lines."""
-
-    def __init__(self, enabled: bool, fd: int) -> None:
-        self.enabled = enabled
-        self.fd = fd
-        self.start = time.perf_counter()
-
-    def say(self, step: str, since: float, detail: str) -> None:
-        if self.enabled and self.fd >= 0:
-            ms = (time.perf_counter() - since) * 1000
-            line = f"minifs trace  {step:<12} {ms:8.2f} ms  {detail}\n"
-            with contextlib.suppress(OSError):
-                os.write(self.fd, line.encode())
-
-    def close(self) -> None:
-        """Stop tracing: a detached caller waits for its stderr to close."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    @contextlib.contextmanager
-    def step(self, step: str) -> Iterator[list[str]]:
-        """`with trace.step("clone") as said: said.append(what was done)`."""
-        since = time.perf_counter()
-        said: list[str] = []
-        yield said
-        self.say(step, since, "; ".join(said))
-
-
-def exit_code(status: int) -> int:
-    """A wait status as a shell reports it: the exit code, or 128 + signal."""
-    if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status)
-    return os.waitstatus_to_exitcode(status)
-
-
-# -- the monitor: before the fork ---------------------------------------------------
-
-
-def _resolve_image(storage: Storage, ref: str) -> tuple[str, dict]:
-    """(layer name on this driver, image config) for an image or layer ref;
-    the built-in busybox image is built on first use, as docker pulls."""
-    from minifs.images import ensure_busybox, image_config, resolve_layer
-
-    root = storage.state.root
-    try:
-        layer = resolve_layer(storage, ref)
-    except NotFound:
-        if ref not in BUSYBOX_REFS:
-            raise
-        ensure_busybox(root)
-        layer = resolve_layer(storage, ref)
-    return layer, image_config(root, ref)
-
-
-def _command(spec: Spec, config: dict) -> list[str]:
-    """docker's rule: CMD given on the command line replaces the image's Cmd,
-    and both follow the image's Entrypoint."""
-    entrypoint = list(config.get("Entrypoint") or [])
-    command = entrypoint + (spec.command or list(config.get("Cmd") or []))
-    if not command:
-        raise ContainerError(f"{spec.image} has no default command; give one after the image")
-    return command
-
-
-def _environment(spec: Spec, config: dict, hostname: str) -> dict[str, str]:
-    env = {"PATH": DEFAULT_PATH, "HOSTNAME": hostname, "HOME": "/root"}
-    for item in config.get("Env") or []:
-        key, _, value = item.partition("=")
-        env[key] = value
-    env.update(spec.env)
-    return env
-
-
-def create(storage: Storage, spec: Spec, trace: Trace) -> Container:
-    """The record and the clone (the seed's `zfs clone`), or nothing at all."""
-    from minifs.container.manage import reclaim
-
-    root = storage.state.root
-    reclaim(root)  # a dead container may hold the name, an address or a cgroup
-    layer, config = _resolve_image(storage, spec.image)
-    with storage.changing():
-        name = spec.name
-        if name is not None:
-            taken = records.find(root, name)
-            if taken is not None and name in (taken.name, taken.id):
-                raise ContainerError(
-                    f"container name {name!r} is in use by {taken.id[:12]}; pick another name "
-                    f"or remove it with 'minifs rm {name}'"
-                )
-            if storage.store.name_taken(storage.name, name):
-                raise ContainerError(
-                    f"name {name!r} is taken by a snapshot on {storage.name}; pick another name"
-                )
-        container = Container.new(
-            root,
-            **({"name": name} if name else {}),
-            image=spec.image,
-            driver=storage.name,
-            command=_command(spec, config),
-            layer=layer,
-            workdir=spec.workdir or config.get("WorkingDir") or "/",
-            limits={
-                "memory": spec.limits.memory,
-                "cpus": spec.limits.cpus,
-                "pids": spec.limits.pids,
-            },
-            net=spec.net,
-            remove=spec.remove,
-            detach=spec.detach,
-            monitor_pid=os.getpid(),
-            monitor_start=process_start_time(os.getpid()),
-        )
-        container.hostname = spec.hostname or container.id[:12]
-        container.env = _environment(spec, config, container.hostname)
-        container.save()
-        try:
-            with trace.step("clone") as said:
-                storage.clone(container.name, layer, {CONTAINER_LABEL: container.id})
-                container.clone = container.name
-                container.save()
-                said.append(f"{storage.name}: clone {layer[:19]} {container.name}")
-        except BaseException:
-            container.delete()
-            raise
-    return container
 
 
 # -- the three processes ------------------------------------------------------------
 
 
 class Launch:
-    """One start of one container; `start()` returns once the command runs."""
+    """One start of one container: `fork()`, then `go()` once it is cloned."""
 
-    def __init__(self, container: Container, storage: Storage, spec: Spec, trace: Trace) -> None:
+    def __init__(self, container: Container, spec: Spec, trace: Trace) -> None:
         self.container = container
-        self.storage = storage
         self.spec = spec
         self.trace = trace
-        self.cgroup: Cgroup | None = None
+        self.cgroup = Cgroup.from_record(container.cgroup)
         self.unshare_pid: int | None = None
         self.pid1: int | None = None
+        self._pipes: dict[str, int] = {}
         self._interrupts = 0
         self._pending: list[int] = []
 
-    def start(self) -> None:
+    def fork(self) -> None:
+        """Make the cgroup and fork the unshare process, which joins it,
+        unshares and forks PID 1; PID 1 then waits for `go`."""
         c = self.container
+        assert self.cgroup is not None
         with self.trace.step("cgroup") as said:
-            self.cgroup = Cgroup.plan(c.id)
-            c.cgroup = self.cgroup.to_record()
-            c.save()
             said.extend(self.cgroup.create(self.spec.limits))
         if c.net == "bridge":
             from minifs.container import network  # with its pyroute2, only for a bridge
 
             with self.trace.step("netlink") as said:
                 said.append(network.load())
-        mounts = self.storage.mounts(c.clone)  # type: ignore[arg-type]
-        resolv_conf = rootfs.host_resolv_conf()
         c.rootfs.mkdir(parents=True, exist_ok=True)
         pid_r, pid_w = os.pipe()
         go_r, go_w = os.pipe()
@@ -234,71 +111,95 @@ class Launch:
         child = os.fork()
         if child == 0:
             self.trace.say("fork", since, f"pid {os.getpid()}: the unshare process")
-            os.close(pid_r)
-            os.close(go_w)
-            os.close(err_r)
-            self._unshare_process(pid_w, go_r, err_w, mounts, resolv_conf)
-        self.unshare_pid = child
-        os.close(pid_w)
-        os.close(go_r)
-        os.close(err_w)
-        try:
-            self._plug_in(pid_r, go_w, err_r)
-        finally:
             for fd in (pid_r, go_w, err_r):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+                os.close(fd)
+            self._unshare_process(pid_w, go_r, err_w)
+        self.unshare_pid = child
+        for fd in (pid_w, go_r, err_w):
+            os.close(fd)
+        self._pipes = {"pid": pid_r, "go": go_w, "err": err_r}
 
-    def _plug_in(self, pid_r: int, go_w: int, err_r: int) -> None:
-        """Learn PID 1's host pid, give it its veth, let it go, and wait until
-        it has exec'd (its error pipe closes) or says why it could not."""
+    def go(self, mounts: list[Mount]) -> None:
+        """Learn PID 1's host pid, take the unshare process out of the pids
+        cgroup, plug in the veth, hand PID 1 what it needs, and wait until it
+        has exec'd (its error pipe closes) or says why it could not."""
         c = self.container
+        pid_r, go_w, err_r = self._pipes["pid"], self._pipes["go"], self._pipes["err"]
         with os.fdopen(pid_r, "rb", closefd=False) as f:
             line = f.readline()
         if not line:
             self._fail(err_r)
         self.pid1 = int(line)
         c.pid, c.pid_start = self.pid1, process_start_time(self.pid1)
-        c.save()
         for sig in self._pending:  # sent to us before PID 1 existed
             self._forward(sig, None)
+        with self.trace.step("cgroup") as said:
+            said.append(self.cgroup.leave_pids(self.unshare_pid, self.spec.limits.pids))  # type: ignore[union-attr,arg-type]
         lease = None
         if c.net == "bridge":
             from minifs.container import network
 
             with self.trace.step("veth") as said:
-                lease = network.attach(c.root, c.id, c.name, self.pid1, self.spec.ip)
+                lease = network.attach(
+                    c.root, c.id, c.name, self.pid1, self.spec.ip, self.spec.masquerade
+                )
                 c.ip, c.prefix, c.gateway = lease.ip, lease.prefix, lease.gateway
                 c.bridge, c.netns, c.veth = lease.bridge, lease.netns, lease.veth
-                c.save()
                 said.append(
                     f"ip link add {lease.veth} type veth peer name {lease.peer}; "
                     f"ip link set {lease.peer} netns {self.pid1}; "
                     f"ip link set {lease.veth} master {lease.bridge} up"
                 )
-        os.write(go_w, json.dumps(dataclasses.asdict(lease) if lease else {}).encode())
-        os.close(go_w)
+                if lease.masquerade:
+                    said.append(lease.masquerade)
+        order = {
+            "mounts": [m.to_dict() for m in mounts],
+            "command": c.command,
+            "env": c.env,
+            "workdir": c.workdir,
+            "lease": lease._asdict() if lease else None,
+        }
+        data = memoryview(json.dumps(order).encode())
+        while data:  # a signal may cut a write short
+            data = data[os.write(go_w, data) :]
+        self._close_pipe("go")
         failure = os.read(err_r, 4096)
         if failure:
             self._fail(err_r, failure)
+        self._close_pipe("pid")
+        self._close_pipe("err")
         c.status, c.started = records.RUNNING, time.time()
         c.save()
         self.trace.say("started", self.trace.start, f"{c.name} ({c.id[:12]}) runs {c.command[0]}")
 
+    def _close_pipe(self, name: str) -> None:
+        fd = self._pipes.pop(name, -1)
+        if fd >= 0:
+            os.close(fd)
+
     def _fail(self, err_r: int, said: bytes = b"") -> NoReturn:
-        """The start failed: raise what the unshare process or PID 1 said."""
+        """The start failed: raise what the unshare process or PID 1 said,
+        "CODE TEXT" (see `report`)."""
         chunks = [said]
         while chunk := os.read(err_r, 4096):
             chunks.append(chunk)
-        text = b"".join(chunks).decode(errors="replace").strip()
+        raise reported(b"".join(chunks), "the container died before its command started")
+
+    def abort(self) -> None:
+        """Undo a start that failed: PID 1 leaves on the closed go pipe (or by
+        its parent-death signal), the unshare process is killed and reaped."""
+        for name in list(self._pipes):
+            self._close_pipe(name)
+        if self.unshare_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.unshare_pid, signal.SIGKILL)
         self._reap()
-        raise ContainerError(text or "the container died before its command started")
 
     def _reap(self) -> int | None:
         """Kill PID 1 if it is still ours, and collect the unshare process."""
         if self.container.pid1_alive():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid1, signal.SIGKILL)
+                os.kill(self.pid1, signal.SIGKILL)  # type: ignore[arg-type]
         if self.unshare_pid is None:
             return None
         _, status = os.waitpid(self.unshare_pid, 0)
@@ -307,9 +208,7 @@ class Launch:
 
     # -- the unshare process ---------------------------------------------------------
 
-    def _unshare_process(
-        self, pid_w: int, go_r: int, err_w: int, mounts: list[Mount], resolv_conf: str
-    ) -> NoReturn:
+    def _unshare_process(self, pid_w: int, go_r: int, err_w: int) -> NoReturn:
         try:
             for sig in FORWARDED:  # not the monitor's handler; PID 1 inherits these
                 signal.signal(sig, signal.SIG_DFL)
@@ -327,10 +226,8 @@ class Launch:
             pid1 = os.fork()
             if pid1 == 0:
                 os.close(pid_w)
-                self._pid1(go_r, err_w, mounts, resolv_conf)
+                self._pid1(go_r, err_w)
             self.trace.say("fork", since, f"--fork: host pid {pid1} is PID 1 inside")
-            with self.trace.step("cgroup") as said:
-                said.append(self.cgroup.leave_pids(os.getpid(), self.spec.limits.pids))  # type: ignore[union-attr]
             # Hold nothing of the monitor's: a detached run's caller waits for
             # its notify pipe and stderr to close. Before PID 1 may go on:
             # its pivot_root moves our root too (we share its mount namespace),
@@ -348,31 +245,36 @@ class Launch:
 
     # -- PID 1 --------------------------------------------------------------------
 
-    def _pid1(self, go_r: int, err_w: int, mounts: list[Mount], resolv_conf: str) -> NoReturn:
+    def _pid1(self, go_r: int, err_w: int) -> NoReturn:
         c = self.container
         t = self.trace
         try:
             linux.set_parent_death_signal(signal.SIGKILL)
             os.setsid()
+            with t.step("mount") as said:  # while the monitor still clones
+                said.append(rootfs.make_private())
+            resolv_conf = rootfs.host_resolv_conf()
             chunks = []
             while chunk := os.read(go_r, 4096):
                 chunks.append(chunk)
             os.close(go_r)
             if not chunks:
                 os._exit(1)  # the monitor gave up on us
-            lease = json.loads(b"".join(chunks))
+            order = json.loads(b"".join(chunks))
+            lease = order["lease"]
             if lease:
                 from minifs.container import network
 
                 with t.step("eth0") as said:
-                    network.configure_inside(network.Lease(**lease))  # type: ignore[arg-type]
+                    network.configure_inside(network.Lease(**lease))
                     said.append(
                         f"ip link set dev lo up; ip link set {lease['peer']} name eth0 up; "
                         f"ip addr add {lease['ip']}/{lease['prefix']} dev eth0; "
                         f"ip route add default via {lease['gateway']}"
                     )
             with t.step("mount") as said:
-                said.append(rootfs.make_private())
+                mounts = [Mount(m["type"], m["source"], tuple(m["options"]), m["target"])
+                          for m in order["mounts"]]  # fmt: skip
                 said.append(rootfs.mount_clone(mounts, c.rootfs))
             with t.step("pivot_root") as said:
                 said.append(rootfs.pivot_root(c.rootfs))
@@ -385,14 +287,15 @@ class Launch:
                 said.append(rootfs.mount_sys())
             with t.step("hostname") as said:
                 said.append(rootfs.set_hostname(c.hostname))
-                said.append(rootfs.write_etc(c.hostname, lease.get("ip"), resolv_conf))
-            os.makedirs(c.workdir, exist_ok=True)
-            os.chdir(c.workdir)
-            path = which(c.command[0], c.env.get("PATH", DEFAULT_PATH))
+                said.append(rootfs.write_etc(c.hostname, lease and lease["ip"], resolv_conf))
+            command, env = order["command"], order["env"]
+            os.makedirs(order["workdir"], exist_ok=True)
+            os.chdir(order["workdir"])
+            path = which(command[0], env.get("PATH", DEFAULT_PATH))
             close_fds_but(err_w, t.fd)
             reset_signals()
-            t.say("exec", time.perf_counter(), f"exec {' '.join(c.command)}")
-            os.execve(path, c.command, c.env)
+            t.say("exec", time.perf_counter(), f"exec {' '.join(command)}")
+            os.execve(path, command, env)
         except BaseException as exc:
             report(err_w, exc)
         os._exit(127)
@@ -424,72 +327,7 @@ class Launch:
         return exit_code(status)
 
 
-def which(command: str, path: str) -> str:
-    """The program to exec, looked up in the container's PATH after pivot_root."""
-    candidates = [command] if "/" in command else [f"{d or '.'}/{command}" for d in path.split(":")]
-    for candidate in candidates:
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    raise ContainerError(f"{command}: command not found in the image (PATH={path})")
-
-
-def close_fds_but(*keep: int) -> None:
-    """Close everything but stdio and `keep` (which are close-on-exec) before
-    exec, so no descriptor of minifs (the store, a lock) leaks into the command."""
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd > 2 and fd not in keep:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-def reset_signals() -> None:
-    """Default dispositions and no blocked signals for the command: ignored
-    signals (Python ignores SIGPIPE) would otherwise survive exec."""
-    for sig in range(1, signal.NSIG):
-        with contextlib.suppress(OSError, ValueError):
-            signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
-
-
-def report(err_w: int, exc: BaseException) -> None:
-    """One line for the monitor to raise as ContainerError."""
-    if isinstance(exc, MinifsError):
-        text = str(exc)
-    elif isinstance(exc, OSError):
-        text = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
-    else:
-        text = f"{type(exc).__name__}: {exc}"
-    with contextlib.suppress(OSError):
-        os.write(err_w, text.encode())
-
-
 # -- the whole run ----------------------------------------------------------------
-
-
-def finish(container: Container, storage: Storage | None, keep_clone: bool) -> None:
-    """Remove the cgroup, the veth and lease, and (unless kept) the clone and
-    record. Safe to repeat: a crash half-way is finished by the next reclaim."""
-    cgroup = Cgroup.from_record(container.cgroup)
-    if cgroup is not None:
-        cgroup.remove()
-    if container.bridge and container.netns:
-        from minifs.container import network
-
-        network.detach(container.id, container.bridge, container.netns)
-    if keep_clone:
-        container.save()
-        return
-    if container.clone is not None:
-        own = storage is None
-        storage = storage or Storage(container.driver, container.root)
-        try:
-            with contextlib.suppress(NotFound):
-                storage.remove(container.clone)
-        finally:
-            if own:
-                storage.close()
-    container.delete()
 
 
 @contextlib.contextmanager
@@ -529,14 +367,14 @@ def run(spec: Spec, root: str | os.PathLike[str] | None, notify: Notify | None =
     try:
         with _as_container_errors():
             spec.check()
-            storage = Storage(spec.driver, root)
+            storage = open_storage(spec, root, trace)
         with storage:
             with _as_container_errors():
-                container = create(storage, spec, trace)
-            launch = Launch(container, storage, spec, trace)
+                container = create(storage, spec)
+            launch = Launch(container, spec, trace)
             previous = launch.forward_signals()
             try:
-                return _start_and_wait(launch, notify)
+                return _start_and_wait(launch, storage, notify)
             finally:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)  # type: ignore[arg-type]
@@ -544,15 +382,17 @@ def run(spec: Spec, root: str | os.PathLike[str] | None, notify: Notify | None =
         trace.close()
 
 
-def _start_and_wait(launch: Launch, notify: Notify | None) -> int:
-    container, storage = launch.container, launch.storage
+def _start_and_wait(launch: Launch, storage: Storage, notify: Notify | None) -> int:
+    container = launch.container
     try:
         with _as_container_errors():
             if notify is not None:
                 _to_log(container.log_path)
-            launch.start()
+            launch.fork()
+            clone(storage, launch.spec, container, launch.trace)
+            launch.go(storage.mounts(container.clone))  # type: ignore[arg-type]
     except BaseException:
-        launch._reap()
+        launch.abort()
         finish(container, storage, keep_clone=False)
         raise
     launch.trace.close()
@@ -565,8 +405,7 @@ def _start_and_wait(launch: Launch, notify: Notify | None) -> int:
         if launch.unshare_pid is not None:  # interrupted while waiting
             reaped = launch._reap()
             code = code if reaped is None else reaped
-        cgroup = Cgroup.from_record(container.cgroup)
-        container.oom_killed = bool(cgroup and cgroup.oom_kills())
+        container.oom_killed = bool(launch.cgroup and launch.cgroup.oom_kills())
         container.status, container.exit_code = records.EXITED, code
         container.finished = time.time()
         finish(container, storage, keep_clone=not container.remove)
@@ -616,7 +455,4 @@ def run_detached(spec: Spec, root: str | os.PathLike[str] | None) -> str:
     word, _, rest = answer.partition(" ")
     if word == "started":
         return rest
-    code, _, text = rest.partition(" ")
-    error = ContainerError(text or "the container monitor died before the container started")
-    error.exit_code = int(code) if code.isdigit() else 125
-    raise error
+    raise reported(rest.encode(), "the container monitor died before the container started")

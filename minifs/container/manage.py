@@ -20,13 +20,14 @@ from typing import NoReturn
 from minifs import linux
 from minifs.container import ContainerError, records
 from minifs.container.cgroups import Cgroup
-from minifs.container.launch import (
+from minifs.container.lifecycle import finish
+from minifs.container.process import (
     DEFAULT_PATH,
     FORWARDED,
     close_fds_but,
     exit_code,
-    finish,
     report,
+    reported,
     reset_signals,
     which,
 )
@@ -192,7 +193,7 @@ def exec_in(
     os.close(err_r)
     if said or not line:
         os.waitpid(child, 0)
-        raise ContainerError(said.decode(errors="replace").strip() or "exec failed")
+        raise reported(said, "exec failed")
     inner = int(line)
 
     def forward(sig: int, _frame: object) -> None:

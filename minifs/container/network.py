@@ -10,8 +10,14 @@ parsing `ip`.
 Addresses are leased from a small JSON file kept per network namespace and
 bridge under /run/minifs/net (a bridge and its addresses belong to a netns, not
 to a state dir), under one flock, so two containers never get one address and
-the last container to leave removes the bridge. Masquerading is not done:
-containers reach each other and the gateway, nothing outside.
+the last container to leave removes the bridge.
+
+Containers reach each other and the gateway. Outbound traffic beyond that needs
+`--masquerade`, a setting of the bridge as docker's ip-masq is: one nftables
+table `ip minifs-<bridge>` whose postrouting chain masquerades the subnet's
+packets leaving through any other interface, and IPv4 forwarding switched on in
+that network namespace (left on afterwards, as docker leaves it). The table is
+made when a container first asks for it and removed with the bridge.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ import fcntl
 import ipaddress
 import json
 import os
+import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from minifs.container import ContainerError
+from minifs.resources import run
 
 BRIDGE_ENV = "MINIFS_BRIDGE"
 SUBNET_ENV = "MINIFS_SUBNET"
@@ -35,10 +42,12 @@ DEFAULT_BRIDGE = "minifs0"
 DEFAULT_SUBNET = "172.17.0.0/16"
 """The seed's network: gateway 172.17.0.1, first container 172.17.0.2."""
 LEASES_DIR = Path("/run/minifs/net")
+IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+BRIDGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
+"""An interface name that is also a valid part of an nftables table name."""
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
     bridge: str
     subnet: ipaddress.IPv4Network
 
@@ -50,8 +59,11 @@ class Settings:
     def from_env(cls) -> Settings:
         bridge = os.environ.get(BRIDGE_ENV) or DEFAULT_BRIDGE
         text = os.environ.get(SUBNET_ENV) or DEFAULT_SUBNET
-        if not 0 < len(bridge) <= 15 or "/" in bridge or " " in bridge:
-            raise ContainerError(f"{BRIDGE_ENV}={bridge} is not a valid interface name")
+        if not BRIDGE_RE.fullmatch(bridge):
+            raise ContainerError(
+                f"{BRIDGE_ENV}={bridge} is not a valid bridge name; use up to 15 letters, "
+                "digits and _.-"
+            )
         try:
             subnet = ipaddress.IPv4Network(text)
         except ValueError:
@@ -171,8 +183,33 @@ def _ensure_bridge(ipr: Any, settings: Settings) -> tuple[int, bool]:
     return index, True
 
 
-@dataclass(frozen=True)
-class Lease:
+def _nat_table(bridge: str) -> str:
+    return f"minifs-{bridge}"
+
+
+def _masquerade(settings: Settings) -> str:
+    """Forward IPv4 and masquerade the subnet's outbound packets; replaces the
+    table in one nft transaction, so it is safe to repeat. Returns the commands."""
+    if IP_FORWARD.read_text().strip() != "1":
+        IP_FORWARD.write_text("1\n")
+    table = _nat_table(settings.bridge)
+    script = (
+        f"add table ip {table}; delete table ip {table}; add table ip {table}; "
+        f"add chain ip {table} postrouting "
+        "{ type nat hook postrouting priority srcnat; policy accept; }; "
+        f"add rule ip {table} postrouting ip saddr {settings.subnet} "
+        f'oifname != "{settings.bridge}" masquerade'
+    )
+    run(["nft", script], f"nft masquerade for {settings.bridge}")
+    return f"sysctl net.ipv4.ip_forward=1; nft '{script}'"
+
+
+def _drop_masquerade(bridge: str) -> None:
+    table = _nat_table(bridge)
+    run(["nft", f"add table ip {table}; delete table ip {table}"], f"nft remove {table}")
+
+
+class Lease(NamedTuple):
     bridge: str
     netns: str
     ip: str
@@ -180,22 +217,31 @@ class Lease:
     gateway: str
     veth: str
     peer: str
+    masquerade: str = ""
+    """What was done to masquerade, for --trace; empty when nothing was."""
 
 
-def attach(root: str, container_id: str, name: str, pid: int, wanted: str | None) -> Lease:
-    """Host side: lease an address, make sure the bridge is up, and plug a veth
-    pair into it whose other end is moved into the netns of `pid`."""
+def attach(
+    root: str, container_id: str, name: str, pid: int, wanted: str | None, masquerade: bool
+) -> Lease:
+    """Host side: lease an address, make sure the bridge is up (masquerading
+    if asked), and plug a veth pair into it whose other end is moved into the
+    netns of `pid`."""
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
     settings = Settings.from_env()
     veth, peer = veth_names(container_id)
+    nat = ""
     with _leases(settings.bridge, netns_key()) as table, IPRoute() as ipr:
         _prune(table)
         ip = _pick(table, settings, wanted)
         created = False
         try:
             bridge, created = _ensure_bridge(ipr, settings)
+            if masquerade:
+                nat = _masquerade(settings)
+                table["masquerade"] = True
             table["leases"][ip] = {"container": container_id, "name": name, "root": root}
             ipr.link("add", ifname=veth, kind="veth", peer={"ifname": peer, "net_ns_pid": pid})
             index = ipr.link_lookup(ifname=veth)[0]
@@ -205,6 +251,8 @@ def attach(root: str, container_id: str, name: str, pid: int, wanted: str | None
             _drop_link(ipr, veth)
             if created:
                 _drop_link(ipr, settings.bridge)
+                if table.pop("masquerade", False):
+                    _drop_masquerade(settings.bridge)
             if isinstance(exc, NetlinkError):
                 raise ContainerError(
                     f"cannot plug {veth} into bridge {settings.bridge}: {exc.args[-1]}"
@@ -218,6 +266,7 @@ def attach(root: str, container_id: str, name: str, pid: int, wanted: str | None
         str(settings.gateway),
         veth,
         peer,
+        nat,
     )
 
 
@@ -252,18 +301,24 @@ def _drop_link(ipr: Any, name: str) -> None:
 
 def detach(container_id: str, bridge: str, netns: str) -> None:
     """Give the address back, remove the host end if the netns did not take it
-    along, and the bridge with the last lease. Safe to repeat. Links are only
-    touched from the netns they were made in; from elsewhere (a crashed
-    container reclaimed later) only the lease goes."""
-    from pyroute2 import IPRoute
-
+    along, and the bridge (with its masquerade table) with the last lease. Safe
+    to repeat, and a no-op for a container that never got its lease (it failed
+    before, or `attach` undid its own work). Links and tables are only touched
+    from the netns they were made in; from elsewhere (a crashed container
+    reclaimed later) only the lease goes."""
     veth, _ = veth_names(container_id)
     with _leases(bridge, netns) as table:
-        for ip, lease in list(table["leases"].items()):
-            if lease["container"] == container_id:
-                del table["leases"][ip]
+        mine = [ip for ip, lease in table["leases"].items() if lease["container"] == container_id]
+        if not mine:
+            return
+        for ip in mine:
+            del table["leases"][ip]
         if netns == netns_key():
+            from pyroute2 import IPRoute
+
             with IPRoute() as ipr:
                 _drop_link(ipr, veth)
                 if not table["leases"]:
                     _drop_link(ipr, bridge)
+                    if table.pop("masquerade", False):
+                        _drop_masquerade(bridge)

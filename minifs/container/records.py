@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from minifs.resources import process_start_time
@@ -41,8 +41,8 @@ class Container:
     name: str
     image: str
     driver: str
-    command: list[str]
     root: str
+    command: list[str] = field(default_factory=list)
     layer: str = ""
     clone: str | None = None
     env: dict[str, str] = field(default_factory=dict)
@@ -95,7 +95,7 @@ class Container:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / "container.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
+        tmp.write_text(json.dumps(vars(self), indent=1))
         os.replace(tmp, path)
 
     def delete(self) -> None:
@@ -113,7 +113,7 @@ class Container:
         return self.status == RUNNING and self.monitor_alive()
 
     def to_dict(self) -> dict[str, object]:
-        data = asdict(self)
+        data = dict(vars(self))
         data["OOMKilled"] = data.pop("oom_killed")
         data["log"] = str(self.log_path)
         return data

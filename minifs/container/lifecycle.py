@@ -1,0 +1,182 @@
+"""What a container holds outside its processes: its record, its clone, its
+cgroup and its address. Made before the start, in an order that lets a crash
+at any point be undone (each is named in the record before it exists), and
+removed after the end by the monitor or, if the monitor died, by `reclaim`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from minifs.container import ContainerError, records
+from minifs.container.cgroups import Cgroup
+from minifs.container.process import DEFAULT_PATH
+from minifs.container.records import Container
+from minifs.container.spec import Spec
+from minifs.container.trace import Trace
+from minifs.errors import NotFound
+from minifs.resources import process_start_time
+
+if TYPE_CHECKING:
+    from minifs.storage import Storage
+
+CONTAINER_LABEL = "minifs.container"
+"""Set on a container's clone; its value is the container id."""
+BUSYBOX_REFS = ("busybox", "busybox:latest")
+
+
+def _resolve_image(storage: Storage, ref: str) -> tuple[str, dict]:
+    """(layer name on this driver, image config) for an image or layer ref;
+    the built-in busybox image is built on first use, as docker pulls."""
+    from minifs.images import ensure_busybox, image_config, resolve_layer
+
+    root = storage.state.root
+    try:
+        layer = resolve_layer(storage, ref)
+    except NotFound:
+        if ref not in BUSYBOX_REFS:
+            raise
+        ensure_busybox(root)
+        layer = resolve_layer(storage, ref)
+    return layer, image_config(root, ref)
+
+
+def _command(spec: Spec, config: dict) -> list[str]:
+    """docker's rule: CMD given on the command line replaces the image's Cmd,
+    and both follow the image's Entrypoint."""
+    entrypoint = list(config.get("Entrypoint") or [])
+    command = entrypoint + (spec.command or list(config.get("Cmd") or []))
+    if not command:
+        raise ContainerError(f"{spec.image} has no default command; give one after the image")
+    return command
+
+
+def _environment(spec: Spec, config: dict, hostname: str) -> dict[str, str]:
+    env = {"PATH": DEFAULT_PATH, "HOSTNAME": hostname, "HOME": "/root"}
+    for item in config.get("Env") or []:
+        key, _, value = item.partition("=")
+        env[key] = value
+    env.update(spec.env)
+    return env
+
+
+def open_storage(spec: Spec, root: str | os.PathLike[str] | None, trace: Trace) -> Storage:
+    """The store and driver, with the backend up and dead containers reclaimed
+    (one may hold the name, an address or a cgroup). Up before anything is
+    forked: the container's mount namespace is a copy of the host's taken at
+    unshare, so a mount the backend made later (a loop-backed store, a
+    daemon's) would be missing in it."""
+    from minifs.container.manage import reclaim
+    from minifs.storage import Storage
+
+    with trace.step("storage") as said:
+        storage = Storage(spec.driver, root)
+        try:
+            with storage.changing():
+                said.extend(reclaim(storage.state.root))
+        except BaseException:
+            storage.close()
+            raise
+        said.append(f"{storage.name} up in {storage.state.root}")
+    return storage
+
+
+def create(storage: Storage, spec: Spec) -> Container:
+    """The container's record, naming the cgroup and bridge it will get
+    before either is made."""
+    container = Container.new(
+        storage.state.root,
+        image=spec.image,
+        driver=storage.name,
+        limits={"memory": spec.limits.memory, "cpus": spec.limits.cpus, "pids": spec.limits.pids},
+        net=spec.net,
+        remove=spec.remove,
+        detach=spec.detach,
+        monitor_pid=os.getpid(),
+        monitor_start=process_start_time(os.getpid()),
+    )
+    container.hostname = spec.hostname or container.id[:12]
+    if spec.net == "bridge":
+        from minifs.container import network
+
+        container.bridge = network.Settings.from_env().bridge
+        container.netns = network.netns_key()
+    container.cgroup = Cgroup.plan(container.id).to_record()
+    container.save()
+    return container
+
+
+def clone(storage: Storage, spec: Spec, container: Container, trace: Trace) -> None:
+    """Resolve the image, take the name, and clone (the seed's `zfs clone`).
+
+    The record names the clone before it is made: whatever a crash leaves is
+    found by it, and only a clone labelled with this container's id is ever
+    removed for it (see `_remove_clone`).
+    """
+    root = storage.state.root
+    with trace.step("image") as said:
+        layer, config = _resolve_image(storage, spec.image)
+        said.append(f"{spec.image}: layer {layer[:19]} on {storage.name}")
+    with storage.changing():
+        name = spec.name
+        if name is not None:
+            taken = records.find(root, name)
+            if taken is not None and taken.id != container.id and name in (taken.name, taken.id):
+                raise ContainerError(
+                    f"container name {name!r} is in use by {taken.id[:12]}; pick another name "
+                    f"or remove it with 'minifs rm {name}'"
+                )
+            if storage.store.name_taken(storage.name, name):
+                raise ContainerError(
+                    f"name {name!r} is taken by a snapshot on {storage.name}; pick another name"
+                )
+            container.name = name
+        container.layer = layer
+        container.command = _command(spec, config)
+        container.workdir = spec.workdir or config.get("WorkingDir") or "/"
+        container.env = _environment(spec, config, container.hostname)
+        container.clone = container.name
+        container.save()
+        with trace.step("clone") as said:
+            storage.clone(container.name, layer, {CONTAINER_LABEL: container.id})
+            said.append(f"{storage.name}: clone {layer[:19]} {container.name}")
+
+
+def finish(container: Container, storage: Storage | None, keep_clone: bool) -> None:
+    """Remove the cgroup, the veth and lease, and (unless kept) the clone and
+    record. Safe to repeat: a crash half-way is finished by the next reclaim."""
+    cgroup = Cgroup.from_record(container.cgroup)
+    if cgroup is not None:
+        cgroup.remove()
+    if container.bridge and container.netns:
+        from minifs.container import network
+
+        network.detach(container.id, container.bridge, container.netns)
+    if keep_clone:
+        container.save()
+        return
+    if container.clone is not None:
+        _remove_clone(container, storage)
+    container.delete()
+
+
+def _remove_clone(container: Container, storage: Storage | None) -> None:
+    """Remove the container's clone, if it was made and is still its own: the
+    record names the clone before it exists, and the name may have been taken
+    by a snapshot of someone else's since."""
+    from minifs.storage import Storage
+
+    own = storage is None
+    storage = storage or Storage(container.driver, container.root)
+    try:
+        with storage.changing():
+            try:
+                info = storage.stat(container.clone)  # type: ignore[arg-type]
+            except NotFound:
+                return
+            if info.labels.get(CONTAINER_LABEL) == container.id:
+                storage.remove(info.name)
+    finally:
+        if own:
+            storage.close()

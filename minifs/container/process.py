@@ -1,0 +1,99 @@
+"""What every process minifs starts inside a container needs around fork and
+exec: `run`'s PID 1 and `exec`'s command alike.
+
+Those processes report a failure to the monitor as one line "CODE TEXT" on a
+pipe (`report`, `reported`), so it reaches the user as `minifs run` would have
+said it, with docker's exit codes: 125 for minifs's own errors, 126 for a
+command that is in the image but cannot be run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+
+from minifs.container import ContainerError
+from minifs.errors import MinifsError
+
+FORWARDED = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+"""What the monitor (and `exec`) pass on to the container's process."""
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+CANNOT_INVOKE = 126
+"""docker's exit code for a command that is in the image but cannot be run
+(not executable, a directory, a binary for another machine)."""
+_CANNOT_INVOKE_ERRNOS = (errno.EACCES, errno.ENOEXEC, errno.EISDIR)
+
+
+def exit_code(status: int) -> int:
+    """A wait status as a shell reports it: the exit code, or 128 + signal."""
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.waitstatus_to_exitcode(status)
+
+
+def which(command: str, path: str) -> str:
+    """The program to exec, looked up in the container's PATH after pivot_root:
+    125 when it is nowhere, 126 (as docker) when it is there but not runnable."""
+    candidates = [command] if "/" in command else [f"{d or '.'}/{command}" for d in path.split(":")]
+    for candidate in candidates:
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    for candidate in candidates:
+        if os.path.exists(candidate):
+            error = ContainerError(f"{candidate}: permission denied: not an executable file")
+            error.exit_code = CANNOT_INVOKE
+            raise error
+    raise ContainerError(f"{command}: command not found in the image (PATH={path})")
+
+
+def close_fds_but(*keep: int) -> None:
+    """Close everything but stdio and `keep` (which are close-on-exec) before
+    exec, so no descriptor of minifs (the store, a lock) leaks into the command."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def reset_signals() -> None:
+    """Default dispositions and no blocked signals for the command: ignored
+    signals (Python ignores SIGPIPE) would otherwise survive exec."""
+    for sig in range(1, signal.NSIG):
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def report(err_w: int, exc: BaseException) -> None:
+    """One line "CODE TEXT" for the monitor to raise as ContainerError: the
+    error's own exit code, 126 when exec refused the file, else 125."""
+    code = ContainerError.exit_code
+    if isinstance(exc, MinifsError):
+        code, text = exc.exit_code, str(exc)
+    elif isinstance(exc, OSError):
+        text = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+        if exc.errno in _CANNOT_INVOKE_ERRNOS:
+            code = CANNOT_INVOKE
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    with contextlib.suppress(OSError):
+        os.write(err_w, f"{code} {text}".encode())
+
+
+def reported(said: bytes, otherwise: str) -> ContainerError:
+    """The error a child process sent with `report` ("CODE TEXT"), or
+    `otherwise` when it died without a word."""
+    code, _, text = said.decode(errors="replace").strip().partition(" ")
+    error = ContainerError(text or otherwise)
+    error.exit_code = int(code) if code.isdigit() else ContainerError.exit_code
+    return error
