@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from minifs.cli import human_size
+from minifs.output import human_size
 
 
 def _num(value: float | None, digits: int = 2) -> str:

@@ -8,7 +8,6 @@ launcher when it runs, so `minifs --help` never loads pyroute2 or rich.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -36,21 +35,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         detach=args.detach,
         trace=args.trace,
     )
-    try:
-        if args.detach:
-            print(run_detached(spec, args.root))
-            return 0
-        return run(spec, args.root)
-    finally:
-        # The process ends next: with every object in the permanent generation
-        # the interpreter's collections at exit skip them all, ~15 ms of each
-        # `minifs run` spent proving garbage that dies with the process anyway.
-        gc.freeze()
+    if args.detach:
+        print(run_detached(spec, args.root))
+        return 0
+    return run(spec, args.root)
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    from minifs.cli import _ago, emit, table
     from minifs.container.manage import listing
+    from minifs.output import ago, emit, table
 
     rows = listing(args.root, args.all)
     emit(
@@ -64,7 +57,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
                     r["name"],
                     r["image"],
                     _short(" ".join(r["command"])),  # type: ignore[arg-type]
-                    _ago(r["created"]),  # type: ignore[arg-type]
+                    ago(r["created"]),  # type: ignore[arg-type]
                     r["state"],
                     r["driver"],
                     r["ip"] or "",

@@ -6,7 +6,10 @@ removed after the end by the monitor or, if the monitor died, by `reclaim`.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import time
 from typing import TYPE_CHECKING
 
 from minifs.container import ContainerError, records
@@ -67,7 +70,6 @@ def open_storage(spec: Spec, root: str | os.PathLike[str] | None, trace: Trace) 
     forked: the container's mount namespace is a copy of the host's taken at
     unshare, so a mount the backend made later (a loop-backed store, a
     daemon's) would be missing in it."""
-    from minifs.container.manage import reclaim
     from minifs.storage import Storage
 
     with trace.step("storage") as said:
@@ -180,3 +182,29 @@ def _remove_clone(container: Container, storage: Storage | None) -> None:
     finally:
         if own:
             storage.close()
+
+
+def wait_gone(pid: int, start: int | None, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while records.alive(pid, start):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def reclaim(root: str | os.PathLike[str] | None) -> list[str]:
+    """Finish containers whose monitor died; returns what was done."""
+    done = []
+    for c in records.all_containers(root):
+        if c.status == records.EXITED or c.monitor_alive():
+            continue
+        if c.pid1_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(c.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            wait_gone(c.pid, c.pid_start, 5.0)  # type: ignore[arg-type]
+        started = c.status == records.RUNNING
+        c.status, c.error, c.finished = records.EXITED, "its monitor died", time.time()
+        finish(c, None, keep_clone=started and not c.remove)
+        done.append(f"reclaimed container {c.name} ({c.id[:12]})")
+    return done

@@ -4,7 +4,7 @@ and the reclaiming of containers whose monitor died.
 A container is running while its monitor (the `minifs run` process, or the
 detached copy `-d` forks) lives; the monitor alone cleans up after a normal
 end. When it was killed instead, its record still says running or created:
-`reclaim` (run by `ps`, `run`, `rm` and `gc`) kills what is left of the
+`lifecycle.reclaim` (run by `ps`, `run`, `rm` and `gc`) kills what is left of the
 container and removes its cgroup, lease and, if it never ran or had --rm,
 its clone and record.
 """
@@ -20,7 +20,7 @@ from typing import NoReturn
 from minifs import linux
 from minifs.container import ContainerError, records
 from minifs.container.cgroups import Cgroup
-from minifs.container.lifecycle import finish
+from minifs.container.lifecycle import finish, reclaim, wait_gone
 from minifs.container.process import (
     DEFAULT_PATH,
     FORWARDED,
@@ -33,6 +33,7 @@ from minifs.container.process import (
 )
 from minifs.container.records import Container
 from minifs.errors import InUse, NotFound
+from minifs.output import span
 
 JOIN_ORDER = ("cgroup", "ipc", "uts", "net", "pid", "mnt")
 """setns order for exec: the mount namespace last, since entering it changes
@@ -46,49 +47,15 @@ def get(root: str | os.PathLike[str] | None, ref: str) -> Container:
     return found
 
 
-def _wait_gone(pid: int, start: int | None, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while records.alive(pid, start):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def reclaim(root: str | os.PathLike[str] | None) -> list[str]:
-    """Finish containers whose monitor died; returns what was done."""
-    done = []
-    for c in records.all_containers(root):
-        if c.status == records.EXITED or c.monitor_alive():
-            continue
-        if c.pid1_alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(c.pid, signal.SIGKILL)  # type: ignore[arg-type]
-            _wait_gone(c.pid, c.pid_start, 5.0)  # type: ignore[arg-type]
-        started = c.status == records.RUNNING
-        c.status, c.error, c.finished = records.EXITED, "its monitor died", time.time()
-        finish(c, None, keep_clone=started and not c.remove)
-        done.append(f"reclaimed container {c.name} ({c.id[:12]})")
-    return done
-
-
 def status_text(c: Container) -> str:
     now = time.time()
     if c.running:
-        return f"running {_span(now - (c.started or c.created))}"
+        return f"running {span(now - (c.started or c.created))}"
     if c.status == records.EXITED:
         code = "?" if c.exit_code is None else c.exit_code
         oom = ", OOMKilled" if c.oom_killed else ""
-        return f"exited ({code}{oom}) {_span(now - (c.finished or now))} ago"
+        return f"exited ({code}{oom}) {span(now - (c.finished or now))} ago"
     return c.status
-
-
-def _span(seconds: float) -> str:
-    seconds = int(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
 
 
 def listing(root: str | os.PathLike[str] | None, everything: bool) -> list[dict[str, object]]:
@@ -128,7 +95,7 @@ def stop(root: str | os.PathLike[str] | None, ref: str, timeout: float = 10.0) -
     if c.running and c.pid1_alive():
         with contextlib.suppress(ProcessLookupError):
             os.kill(c.pid, signal.SIGTERM)  # type: ignore[arg-type]
-        if not _wait_gone(c.pid, c.pid_start, timeout):  # type: ignore[arg-type]
+        if not wait_gone(c.pid, c.pid_start, timeout):  # type: ignore[arg-type]
             with contextlib.suppress(ProcessLookupError):
                 os.kill(c.pid, signal.SIGKILL)  # type: ignore[arg-type]
         _wait_finished(c, 10.0)

@@ -2,7 +2,7 @@
 
 A record is written before each resource is made and names it (clone, cgroup
 paths, veth, address), so whatever a crash leaves can be found and undone by
-`reclaim` in `manage.py`. JSON files rather than a table in the metadata store:
+`reclaim` in `lifecycle.py`. JSON files rather than a table in the metadata store:
 the monitor rewrites its record while the container runs, without ever taking
 the state dir's lock that every storage change needs.
 """

@@ -10,7 +10,6 @@ A layer already there, from this image or another sharing its base, is reused.
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,8 +217,6 @@ def _remove_layers(storage: Storage, chain_ids: list[str]) -> list[str]:
 def unpack(storage: Storage, catalog: Catalog, image: Image, allow_devices: bool = True) -> str:
     """The name of the layer holding `image` on `storage`'s driver, unpacking
     the layers that are missing."""
-    from minifs.layers.snapshots import apply_to
-
     if image.top is None:
         raise InvalidArgument(f"image {image.digest} has no layers; there is nothing to clone")
     with storage.changing():
@@ -234,7 +231,9 @@ def unpack(storage: Storage, catalog: Catalog, image: Image, allow_devices: bool
                     )
                 parent = layer.chain_id
                 continue
-            work = f"unpack-{layer.chain_id[7:19]}-{secrets.token_hex(4)}"
+            from minifs.layers.snapshots import apply_to  # only when something to unpack
+
+            work = f"unpack-{layer.chain_id[7:19]}-{os.urandom(4).hex()}"
             storage.clone(work, parent, {TRANSIENT_LABEL: "1"})
             try:
                 apply_to(

@@ -15,8 +15,8 @@ def _short(digest: str) -> str:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from minifs.cli import emit
     from minifs.images.importer import import_path
+    from minifs.output import emit
 
     done = import_path(args.root, args.path, args.name, allow_devices=not args.no_devices)
     emit(
@@ -39,8 +39,8 @@ def _summary(record: Any, image: Any, catalog: Any) -> dict[str, Any]:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from minifs.cli import _ago, emit, human_size, table
     from minifs.images.catalog import Catalog
+    from minifs.output import ago, emit, human_size, table
 
     with Catalog.open(args.root) as catalog:
         rows = [_summary(r, i, catalog) for r, i in catalog.list()]
@@ -56,7 +56,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                     r["layers"],
                     human_size(r["size"]),
                     ",".join(r["unpacked_on"]) or "-",
-                    _ago(r["created"]),
+                    ago(r["created"]),
                 )
                 for r in rows
             ],
@@ -68,8 +68,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from minifs.cli import emit
     from minifs.images.catalog import Catalog
+    from minifs.output import emit
 
     with Catalog.open(args.root) as catalog:
         record, image = catalog.get(args.image)
@@ -93,8 +93,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from minifs.cli import emit
     from minifs.images.catalog import remove_image
+    from minifs.output import emit
 
     reports = [remove_image(args.root, ref).to_dict() for ref in args.images]
     emit(args, reports, lambda: [print(r["name"]) for r in reports])

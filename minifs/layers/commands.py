@@ -46,7 +46,7 @@ def _output(path: str | None) -> Iterator[BinaryIO]:
 def cmd_diff(args: argparse.Namespace) -> int:
     import json
 
-    from minifs.cli import open_storage
+    from minifs.arguments import open_storage
     from minifs.layers.compression import Compressor
     from minifs.layers.snapshots import diff_of
 
@@ -67,7 +67,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     import json
 
-    from minifs.cli import open_storage
+    from minifs.arguments import open_storage
     from minifs.errors import NotFound
     from minifs.layers.snapshots import apply_to
 
