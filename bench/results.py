@@ -59,9 +59,13 @@ def default_path(label: str, when: float) -> Path:
 
 
 def save(doc: dict, path: Path) -> None:
+    text = json.dumps(doc, indent=1, default=_jsonable) + "\n"
+    if path.exists() and not path.is_file():
+        path.write_text(text)  # /dev/stdout, a fifo: write through it, never replace it
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=_jsonable) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 

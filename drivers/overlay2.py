@@ -25,7 +25,7 @@ from pathlib import Path
 
 from minifs import failpoints, linux
 from minifs.driver import Driver, tree_usage
-from minifs.errors import InvalidArgument, NotSupported
+from minifs.errors import BackendError, InvalidArgument, MinifsError, NotSupported, StateDirError
 from minifs.hookspecs import hookimpl
 from minifs.layers.safefs import remove_tree
 from minifs.loopdisk import make_image, parse_size
@@ -35,6 +35,21 @@ KERNEL_MAX_STACK = 500
 """overlayfs's OVL_MAX_STACK: the most lower layers one mount can have."""
 
 DEFAULT_IMAGE_SIZE = "10G"
+MIN_IMAGE_SIZE = 1 << 20
+"""Below this mkfs.ext4 cannot lay out its own metadata; an image that small
+would fail to format with a message about partition tables."""
+MAX_IMAGE_SIZE = (1 << 63) - 1
+"""The largest file size the kernel's off_t can express."""
+
+
+def _image_size(text: str) -> int:
+    size = parse_size(text)
+    if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise InvalidArgument(
+            f"overlay2.size={text} is out of range; give at least 1M (e.g. 10G), and no "
+            "more than the filesystem can hold"
+        )
+    return size
 
 
 def _short_name() -> str:
@@ -69,11 +84,18 @@ class Overlay2Driver(Driver):
 
     def __init__(self, home: Path, options: Mapping[str, str] | None = None) -> None:
         super().__init__(home, options)
+        # Everything that can be refused is refused here, before the state dir
+        # or this home is created.
+        if any(c in str(home) for c in ",:"):
+            raise InvalidArgument(
+                f"overlay2 cannot keep layers under {home}: ',' and ':' separate overlay "
+                "mount options; pick a --root without them (or use --driver vfs)"
+            )
         backing = self.options.get("backing", "auto")
         if backing not in ("auto", "direct", "loop"):
             raise InvalidArgument(f"overlay2.backing={backing} is not one of auto, direct, loop")
         if "size" in self.options:
-            parse_size(self.options["size"])
+            _image_size(self.options["size"])
 
     @classmethod
     def probe(cls) -> None:
@@ -109,6 +131,18 @@ class Overlay2Driver(Driver):
             tmp.write_text(json.dumps(config))
             os.replace(tmp, self.config_path)
             return config
+        except ValueError as exc:
+            config = {"unreadable": str(exc)}
+        if not (
+            isinstance(config, dict)
+            and config.get("backing") in ("direct", "loop")
+            and isinstance(config.get("size"), str)
+        ):
+            raise StateDirError(
+                f"{self.config_path} is damaged (it should say which backing this store "
+                'uses, like {"backing": "direct", "size": "10G"}); restore it, or move '
+                f"{self.home} aside to start an empty overlay2 store"
+            )
         for key, value in self.options.items():
             if (
                 key in config
@@ -143,18 +177,25 @@ class Overlay2Driver(Driver):
         return self.home / "data" if self._backing == "loop" else self.home
 
     def start(self) -> None:
-        if any(c in str(self.home) for c in ",:"):
-            raise InvalidArgument(
-                f"overlay2 cannot keep layers under {self.home}: ',' and ':' separate overlay "
-                "mount options; pick a --root without them"
-            )
         super().start()
+        made = not self.config_path.exists()
         config = self._config()
         self._backing = config["backing"]
         if self._backing == "loop":
             image = self.home / "backing.img"
             if not image.exists():
-                make_image(image, parse_size(config["size"]), "ext4")
+                try:
+                    make_image(image, _image_size(config["size"]), "ext4")
+                except (MinifsError, OSError) as exc:
+                    # Not a half-made home: the next start chooses afresh,
+                    # with whatever options it is given then.
+                    if made:
+                        self.config_path.unlink(missing_ok=True)
+                    reason = exc.strerror if isinstance(exc, OSError) else exc
+                    raise BackendError(
+                        f"cannot make the {config['size']} backing image {image} ({reason}); "
+                        "free space there or pick a smaller overlay2.size"
+                    ) from None
             device = self.resources.loop("loop", image)
             self.resources.mount("mount", device, self.data, "ext4")
         (self.data / "l").mkdir(parents=True, exist_ok=True)

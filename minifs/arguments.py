@@ -24,17 +24,46 @@ def pairs(items: Sequence[str] | None, what: str) -> dict[str, str]:
     return result
 
 
+def path(text: str) -> str:
+    """An argparse `type` for paths: the empty string is refused, where every
+    later step would take it for the current directory."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path names nothing; give a path")
+    return text
+
+
 def storage_options(args: argparse.Namespace, driver: str) -> dict[str, str]:
-    """`--storage-opt overlay2.backing=loop` -> {"backing": "loop"} for overlay2."""
+    """`--storage-opt overlay2.backing=loop` -> {"backing": "loop"} for overlay2.
+
+    Options for other drivers are not used but still checked: a typo in one
+    (`overlay.backing`, `vfs.sise`) must not pass silently because the driver
+    it names happens not to be the one in use.
+    """
     found = {}
     for key, value in pairs(args.storage_opt, "--storage-opt").items():
         owner, dot, option = key.partition(".")
-        if not dot:
+        if not (dot and owner and option):
             raise InvalidArgument(
-                f"--storage-opt {key}={value} names no driver; write DRIVER.{key}={value}"
+                f"--storage-opt {key}={value} names no driver option; write "
+                "DRIVER.OPTION=VALUE, e.g. overlay2.backing=loop"
             )
         if owner == driver:
-            found[option] = value
+            found[option] = value  # the driver checks its own options
+            continue
+        from minifs.plugins import registered
+
+        drivers = registered()
+        if owner not in drivers:
+            raise InvalidArgument(
+                f"--storage-opt {key}={value}: there is no driver {owner!r}; "
+                f"choose one of: {', '.join(sorted(drivers))}"
+            )
+        known = drivers[owner].driver.options_help
+        if option not in known:
+            raise InvalidArgument(
+                f"--storage-opt {key}={value}: {owner} has no option {option!r}; "
+                f"known: {', '.join(sorted(known)) or 'none'}"
+            )
     return found
 
 

@@ -8,17 +8,31 @@ can act on print as one line and exit 2; there is never a traceback.
 
 from __future__ import annotations
 
-import argparse
-import gc
-import json
-import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
-from minifs.arguments import open_storage, pairs
-from minifs.errors import MinifsError
-from minifs.output import ago, emit, human_size, table
+
+def _quiet_interrupt(kind: type[BaseException], value: BaseException, tb: object) -> None:
+    """Ctrl-C before main() runs (while Python imports minifs) has changed
+    nothing, so it ends the program with one line instead of a traceback."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("minifs: interrupted", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, value, tb)  # type: ignore[arg-type]
+
+
+if sys.excepthook is sys.__excepthook__:  # first, before the imports below take their time
+    sys.excepthook = _quiet_interrupt
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from typing import Any, NoReturn  # noqa: E402
+
+from minifs.arguments import open_storage, pairs, path  # noqa: E402
+from minifs.errors import MinifsError  # noqa: E402
+from minifs.output import ago, each, emit, error, human_size, shown, table  # noqa: E402
 
 DEFAULT_DRIVER = "overlay2"
 
@@ -90,8 +104,11 @@ def cmd_clone(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
-    with open_storage(args) as storage:
-        info = storage.view(args.name, args.parent, pairs(args.label, "--label"))
+    from minifs.images import resolve_layer
+
+    with open_storage(args) as storage, storage.changing():
+        parent = resolve_layer(storage, args.parent)  # as for clone: a layer or an image
+        info = storage.view(args.name, parent, pairs(args.label, "--label"))
         _print_info(args, info)
     return 0
 
@@ -147,7 +164,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if inspect_container(args):
         return 0
     with open_storage(args) as storage:
-        info = storage.stat(args.name)
+        info = _stat_either(storage, args.name)
         data = info.to_dict()
         data["mounts"] = [m.to_dict() for m in storage.mounts(args.name)]
         data["mounted_at"] = storage.store.mounts_of(info.id)
@@ -170,15 +187,30 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stat_either(storage: Any, name: str) -> Any:
+    """`storage.stat`, whose NotFound names both kinds `rm` and `inspect` take."""
+    from minifs.errors import NotFound
+
+    try:
+        return storage.stat(name)
+    except NotFound:
+        raise NotFound(
+            f"no container, nor snapshot on driver {storage.name}, named {name!r}; "
+            "see 'minifs ps -a' and 'minifs ls' (or pass --driver)"
+        ) from None
+
+
 def cmd_rm(args: argparse.Namespace) -> int:
     from minifs.container.commands import remove_container
 
+    def remove(name: str) -> None:
+        if not remove_container(args, name):
+            _stat_either(storage, name)
+            storage.remove(name)
+        print(name)
+
     with open_storage(args) as storage:
-        for name in args.names:
-            if not remove_container(args, name):
-                storage.remove(name)
-            print(name)
-    return 0
+        return each(args.names, remove)
 
 
 def cmd_label(args: argparse.Namespace) -> int:
@@ -212,30 +244,39 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
-def _storages_with_state(args: argparse.Namespace) -> Iterator[Any]:
-    """The --driver given, else every driver that has a home in the state dir.
+def _each_driver(
+    args: argparse.Namespace, action: Callable[[Any], Any]
+) -> tuple[dict[str, Any], int]:
+    """`action(storage)` on the --driver given, else on every driver that has a
+    home in the state dir; returns the results by driver and an exit status.
 
     Without --driver, one driver that cannot open here (uninstalled plugin,
-    missing kernel feature) is reported and skipped so the others still run.
+    missing kernel feature) is reported and skipped so the others still run,
+    and so is one whose action fails (a damaged home): then the status says so.
     """
     from minifs.state import StateDir
 
     if args.driver:
         with open_storage(args, args.driver) as storage:
-            yield storage
-        return
+            return {storage.name: action(storage)}, 0
     try:
         names = sorted(os.listdir(StateDir(args.root).drivers_dir))
     except FileNotFoundError:
         names = []
+    results, status = {}, 0
     for name in names:
         try:
             storage = open_storage(args, name)
         except MinifsError as exc:
-            print(f"minifs: warning: skipped {name}: {exc}", file=sys.stderr)
+            print(f"minifs: warning: skipped {name}: {shown(str(exc))}", file=sys.stderr)
             continue
         with storage:
-            yield storage
+            try:
+                results[name] = action(storage)
+            except MinifsError as exc:
+                error(f"{name}: {exc}")
+                status = status or exc.exit_code
+    return results, status
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -251,9 +292,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     # drivers' gc removes clones one of them may still have mounted.
     for line in sweep(StateDir(args.root).root, args.dry_run):
         print(line, file=sys.stderr)
-    reports = {}
-    for storage in _storages_with_state(args):
-        reports[storage.name] = storage.gc(args.dry_run).to_dict()
+    reports, status = _each_driver(args, lambda storage: storage.gc(args.dry_run).to_dict())
 
     def human() -> None:
         prefix = "would " if args.dry_run else ""
@@ -269,17 +308,15 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 print(f"{driver}: consistent, nothing to do")
 
     emit(args, reports, human)
-    return 0
+    return status
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    stopped = {}
-    for storage in _storages_with_state(args):
-        stopped[storage.name] = storage.down()
+    stopped, status = _each_driver(args, lambda storage: storage.down())
     emit(
         args, stopped, lambda: [print(f"{d}: stopped {s}") for d, ss in stopped.items() for s in ss]
     )
-    return 0
+    return status
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -296,6 +333,80 @@ class _Skipped:
 
     def __getattr__(self, name: str) -> Callable[..., _Skipped]:
         return lambda *args, **kwargs: self
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors in minifs's form: one line, what was wrong and
+    where to look, no usage block (which runs to five lines for `run` and
+    buried the error under it).
+
+    Each parser reports its own leftovers: argparse hands a subcommand's
+    unknown words up to the top-level parser, which then blamed `minifs`, not
+    `minifs clone`, and showed the wrong usage. `error_exit` is the status of a
+    usage error: 2, or 125 for `run`, whose own errors must not look like the
+    container's exit code (as with `docker run`).
+    """
+
+    def __init__(self, *args: Any, error_exit: int = 2, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.error_exit = error_exit
+        self.set_defaults(error_exit=error_exit)
+        self._words: list[str] = []
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._words = list(sys.argv[1:] if args is None else args)
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+    def _unknown_option(self) -> str | None:
+        """The first word that looks like an option this parser does not have:
+        argparse reports a missing argument instead when `-x` stands where a
+        name should be."""
+        for word in self._words:
+            if word == "--":
+                return None
+            if not word.startswith("-") or word == "-" or word[1:2].isdigit():
+                continue
+            name = word.partition("=")[0]
+            known = self._option_string_actions
+            if name not in known and not (
+                name.startswith("--") and any(o.startswith(name) for o in known)
+            ):
+                return word
+        return None
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        import re
+
+        unknown = self._unknown_option()
+        choice = re.fullmatch(
+            r"argument COMMAND: invalid choice: '(.*)' \(choose from (.*)\)", message
+        )
+        if choice:
+            import difflib
+
+            word, choices = choice[1], re.findall(r"'([^']*)'", choice[2])
+            close = difflib.get_close_matches(word, choices, n=1)
+            message = f"unknown command {word!r}" + (
+                f" (did you mean {close[0]!r}?)" if close else ""
+            )
+        elif unknown is not None and message.startswith("the following arguments are required"):
+            message = f"unknown option {unknown}"
+        elif message == "the following arguments are required: COMMAND":
+            message = "no command given"
+        elif message.startswith("the following arguments are required: "):
+            message = "missing " + message.partition(": ")[2]
+        elif message.startswith("unrecognized arguments: "):
+            extra = message.partition(": ")[2]
+            first = extra.split(" ", 1)[0]
+            message = f"unknown option {first}" if first[:1] == "-" else f"unexpected {extra}"
+            if first.partition("=")[0] in ("--root", "--storage-opt"):
+                message += " (--root and --storage-opt go before the command)"
+        where = self.prog.removeprefix("minifs").strip()
+        text = f"{where}: {message}" if where else message
+        self.exit(self.error_exit, f"minifs: error: {shown(text)}; see '{self.prog} --help'\n")
 
 
 class _OnlyCommand:
@@ -334,7 +445,7 @@ def _command_word(argv: Sequence[str]) -> str | None:
 
 
 def build_parser(command_word: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="minifs",
         description="Container storage drivers, side by side: clone, snapshot, mount, measure.",
     )
@@ -353,7 +464,7 @@ def build_parser(command_word: str | None = None) -> argparse.ArgumentParser:
     sub = _OnlyCommand(
         parser.add_subparsers(dest="command", metavar="COMMAND", required=True), command_word
     )
-    default_driver = os.environ.get("MINIFS_DRIVER", DEFAULT_DRIVER)
+    default_driver = _from_environment()
 
     def command(
         name: str,
@@ -426,19 +537,20 @@ def build_parser(command_word: str | None = None) -> argparse.ArgumentParser:
     p = command("usage", cmd_usage, "bytes and inodes a snapshot holds itself", json_flag=True)
     p.add_argument("name")
 
-    p = command("rm", cmd_rm, "remove clones, views or layers (children first)")
+    p = command("rm", cmd_rm, "remove containers, clones, views or layers (children first)")
     p.add_argument("names", nargs="+", metavar="NAME")
+    p.add_argument("-f", "--force", action="store_true", help="stop a running container first")
 
     p = command("label", cmd_label, "set labels (KEY= deletes one)", json_flag=True)
     p.add_argument("name")
     p.add_argument("labels", nargs="+", metavar="KEY=VALUE")
 
-    p = command("mount", cmd_mount, "mount a snapshot on an existing directory")
+    p = command("mount", cmd_mount, "mount a snapshot on an existing empty directory")
     p.add_argument("name")
-    p.add_argument("dir")
+    p.add_argument("dir", type=path)
 
     p = command("umount", cmd_umount, "unmount a directory mounted by 'minifs mount'")
-    p.add_argument("dir")
+    p.add_argument("dir", type=path)
 
     p = command(
         "gc",
@@ -485,21 +597,123 @@ def build_parser(command_word: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _from_environment() -> str:
+    """The default driver: MINIFS_DRIVER (empty counts as unset), else overlay2."""
+    chosen = os.environ.get("MINIFS_DRIVER")
+    return _FromEnv(chosen) if chosen else DEFAULT_DRIVER
+
+
+class _FromEnv(str):
+    """A --driver value that came from MINIFS_DRIVER, so an error about it can
+    name the variable: one set long ago is not where a user looks first."""
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    """What every command relies on, checked before any command runs so each
+    fails the same way: a usable --root and, when it came from the
+    environment, a real driver name."""
+    if args.command != "drivers":
+        from minifs.state import StateDir
+
+        StateDir(args.root).check()
+    driver = getattr(args, "driver", None)
+    if isinstance(driver, _FromEnv):
+        from minifs.errors import NotFound
+        from minifs.plugins import registered
+
+        known = sorted(registered())
+        if driver not in known:
+            raise NotFound(
+                f"MINIFS_DRIVER={driver!r} names no driver; set it to one of "
+                f"{', '.join(known)} or unset it (see 'minifs drivers')"
+            )
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether `exc` was raised while unwinding from Ctrl-C: a cleanup that
+    failed because the interrupted work still held what it cleans (a mount
+    kept busy by a file it had open) must not pass for the real error."""
+    seen = exc.__context__
+    for _ in range(100):  # a chain is short; the bound only guards a cycle
+        if seen is None:
+            return False
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__context__
+    return False
+
+
+def _os_error(exc: OSError) -> str:
+    """An OSError nobody turned into a MinifsError, as one line with a way out."""
+    import errno
+
+    full = "free some space there ('minifs gc' removes what crashes left)"
+    hints = {
+        errno.ENOSPC: full if exc.filename else None,  # else the output the user chose
+        errno.EDQUOT: full if exc.filename else None,
+        errno.EROFS: "remount it read-write, or pass --root DIR on a writable filesystem",
+        errno.EACCES: "run as root or fix its permissions",
+        errno.EPERM: "run as root or fix its permissions",
+        errno.EMFILE: "raise the open-files limit (ulimit -n)",
+        errno.ENAMETOOLONG: "use a shorter path",
+    }
+    what = exc.strerror or str(exc)
+    where = f"{exc.filename}: " if exc.filename else ""
+    hint = hints.get(exc.errno or 0)
+    return f"{where}{what}" + (f"; {hint}" if hint else "")
+
+
+def _standard_streams() -> None:
+    """Open /dev/null on a closed stdin, stdout or stderr (`minifs ls >&-`).
+    Otherwise the next file minifs opens (the metadata store) would get that
+    descriptor, and output meant for the terminal would be written into it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _standard_streams()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(_command_word(argv)).parse_args(argv)
+    args: argparse.Namespace | None = None
     try:
-        return args.func(args)
+        args = build_parser(_command_word(argv)).parse_args(argv)
+        _check_common(args)
+        status = args.func(args)
+        sys.stdout.flush()  # here, where a failure is reported, not at exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`minifs ls | head -1`): stop quietly, as a tool
+        # killed by SIGPIPE would, and keep the exit's own flush from failing.
+        import signal
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except MinifsError as exc:
-        print(f"minifs: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        if _interrupted(exc):
+            print(
+                f"minifs: interrupted; cleaning up failed too ({shown(str(exc))}); "
+                "run 'minifs gc' to finish it",
+                file=sys.stderr,
+            )
+            return 130
+        error(str(exc))
+        return max(exc.exit_code, getattr(args, "error_exit", 2))
     except KeyboardInterrupt:
         print("minifs: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"minifs: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 1
+        error(_os_error(exc))
+        return getattr(args, "error_exit", 2)
     finally:
         # The process ends next: with every object in the permanent generation
         # the interpreter's collections at exit skip them all, ~15 ms of a

@@ -41,8 +41,12 @@ def make_image(path: Path, size: int, fstype: str | None = "ext4") -> None:
     if fstype is not None and fstype not in _MKFS:
         raise InvalidArgument(f"cannot format {fstype}; known: {', '.join(sorted(_MKFS))}")
     partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:
-        f.truncate(size)
-    if fstype is not None:
-        run([*_MKFS[fstype], str(partial)], f"format {path.name} as {fstype}")
+    try:
+        with open(partial, "wb") as f:
+            f.truncate(size)
+        if fstype is not None:
+            run([*_MKFS[fstype], str(partial)], f"format {path.name} as {fstype}")
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, path)

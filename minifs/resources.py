@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from minifs import linux
-from minifs.errors import BackendError, InUse
+from minifs.errors import BackendError, InUse, StateDirError
 
 OWNER_ENV = "MINIFS_OWNER"
 """Set in the environment of every daemon minifs starts, so leaks can be found."""
@@ -68,9 +68,19 @@ class Resources:
 
     def load(self) -> list[dict]:
         try:
-            return json.loads(self.path.read_text())
+            records = json.loads(self.path.read_text())
         except FileNotFoundError:
             return []
+        except ValueError:
+            records = None
+        if not isinstance(records, list) or not all(
+            isinstance(r, dict) and "key" in r and "type" in r for r in records
+        ):
+            raise StateDirError(
+                f"{self.path} is damaged; stop what it lists by hand (mounts, loop devices, "
+                "daemons), then delete the file"
+            )
+        return records
 
     def _save(self, records: list[dict]) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,9 +20,27 @@ from minifs.errors import StateDirError
 DEFAULT_ROOT = Path("/var/lib/minifs")
 
 
+LAYOUT = {
+    "metadata.db": (stat.S_ISREG, "file"),
+    "lock": (stat.S_ISREG, "file"),
+    "drivers": (stat.S_ISDIR, "directory"),
+    "tmp": (stat.S_ISDIR, "directory"),
+    "content": (stat.S_ISDIR, "directory"),
+    "containers": (stat.S_ISDIR, "directory"),
+}
+"""What minifs keeps at the top of a state dir, and what each must be."""
+
+
 def resolve_root(root: str | os.PathLike[str] | None = None) -> Path:
-    """The state dir the user asked for, made absolute so records stay valid."""
+    """The state dir the user asked for, made absolute so records stay valid.
+
+    An empty --root is refused rather than taken for the current directory,
+    where it would scatter a store among the user's files (an empty
+    MINIFS_ROOT counts as unset, as empty variables do for docker).
+    """
     chosen = root if root is not None else os.environ.get("MINIFS_ROOT") or DEFAULT_ROOT
+    if not str(chosen):
+        raise StateDirError("--root is empty; pass --root DIR, or leave it out for the default")
     return Path(chosen).absolute()
 
 
@@ -41,6 +60,35 @@ class StateDir:
 
     def home(self, driver: str) -> Path:
         return self.drivers_dir / driver
+
+    def check(self) -> None:
+        """Refuse a state dir that is not one minifs could have made, before a
+        command trips over it with a bare ENOTDIR or EISDIR of its own. One
+        that does not exist yet is fine: the first change makes it."""
+        try:
+            st = os.stat(self.root)
+        except NotADirectoryError:
+            raise StateDirError(
+                f"state dir {self.root} cannot be made: part of its path is a file; "
+                "pass --root DIR / set MINIFS_ROOT to a directory"
+            ) from None
+        except OSError:
+            return  # absent (made on first change) or unreachable (the command says why)
+        if not stat.S_ISDIR(st.st_mode):
+            raise StateDirError(
+                f"state dir {self.root} is not a directory; "
+                "pass --root DIR / set MINIFS_ROOT to a directory"
+            )
+        for name, (test, kind) in LAYOUT.items():
+            try:
+                mode = os.stat(self.root / name).st_mode
+            except OSError:
+                continue  # absent (made when needed) or unreadable (the command says)
+            if not test(mode):
+                raise StateDirError(
+                    f"state dir {self.root} is damaged: {name} is not a {kind}; move it "
+                    "aside, or pass --root DIR / set MINIFS_ROOT to another state dir"
+                )
 
     def ensure(self) -> None:
         """Create the state dir, or say in one line why it cannot be used."""

@@ -50,16 +50,39 @@ def check_name(name: str) -> None:
         )
 
 
+MAX_LABEL_BYTES = 4096
+"""Most bytes of one label's key and value together, containerd's limit: labels
+live in every listing, and a megabyte one would be copied into each."""
+
+
+def check_labels(labels: Mapping[str, str]) -> None:
+    for key, value in labels.items():
+        size = len(key.encode()) + len(value.encode())
+        if size > MAX_LABEL_BYTES:
+            raise InvalidArgument(
+                f"label {key[:40]!r} is {size} bytes with its value; keep each label "
+                f"under {MAX_LABEL_BYTES} bytes"
+            )
+
+
 def parse_filters(filters: Sequence[str]) -> dict[str, str]:
-    """`kind=layer`, `parent=NAME`, `label.KEY=VALUE`, `name=NAME` (all must hold)."""
+    """`kind=layer`, `parent=NAME`, `label.KEY=VALUE`, `name=NAME` (all must hold).
+
+    A kind that cannot exist is refused, as `docker ps --filter status=bogus`
+    is: matching nothing would pass for "there are none".
+    """
     parsed = {}
+    kinds = "|".join(k.value for k in Kind)
     for item in filters:
         key, sep, value = item.partition("=")
         if not sep or not (key in ("kind", "parent", "name") or key.startswith("label.")):
             raise InvalidArgument(
-                f"bad filter {item!r}; use kind=clone|view|layer, parent=NAME, name=NAME "
-                "or label.KEY=VALUE"
+                f"bad filter {item!r}; use kind={kinds}, parent=NAME, name=NAME or label.KEY=VALUE"
             )
+        if key == "kind" and value not in {k.value for k in Kind}:
+            raise InvalidArgument(f"bad filter {item!r}; a kind is one of {kinds}")
+        if key == "label.":
+            raise InvalidArgument(f"bad filter {item!r}; name the label: label.KEY=VALUE")
         parsed[key] = value
     return parsed
 
@@ -181,6 +204,7 @@ class Storage:
     def _create(
         self, name: str, parent: str | None, kind: Kind, labels: Mapping[str, str] | None
     ) -> Info:
+        check_labels(labels or {})
         with self.changing():
             self._free(name)
             chain = self.store.chain(self._layer(parent).id) if parent else []
@@ -217,6 +241,7 @@ class Storage:
         """Commit `clone` as layer `layer`; with `keep`, a fresh clone of the
         same name continues on top of it (the clone itself is consumed, as in
         containerd's Commit)."""
+        check_labels(labels or {})
         with self.changing():
             info = self.stat(clone)
             if info.kind is not Kind.CLONE:
@@ -259,6 +284,7 @@ class Storage:
 
     def set_labels(self, name: str, labels: Mapping[str, str]) -> Info:
         """Add or (with an empty value) delete labels."""
+        check_labels(labels)
         with self.changing():
             info = self.stat(name)
             merged = {**info.labels, **labels}
@@ -280,12 +306,36 @@ class Storage:
         with self.changing():
             return self.driver.mounts(info.id, info.kind, self.store.chain(info.parent_id))
 
-    def mount(self, name: str, target: str | os.PathLike[str]) -> Path:
+    def _check_mount_point(self, target: str | os.PathLike[str]) -> Path:
+        """An empty directory that is no mount point and that neither holds nor
+        lies inside the state dir: a mount over the state dir (or any directory
+        above it) would hide the store from every later command, which would
+        then start an empty one; a mount over files hides them (zfs refuses a
+        non-empty mount point for the same reason)."""
         where = Path(target).resolve()
+        if not where.exists():
+            raise NotFound(f"mount point {target} does not exist; create it first (mkdir -p)")
         if not where.is_dir():
-            raise NotFound(f"mount point {target} is not a directory; create it first")
+            raise InvalidArgument(f"mount point {target} is not a directory; give a directory")
         if linux.is_mountpoint(where):
             raise InUse(f"{where} is already a mount point; pick an empty directory")
+        root = self.state.root.resolve()
+        if where == root or where.is_relative_to(root) or root.is_relative_to(where):
+            raise InvalidArgument(
+                f"{where} would {'cover' if root.is_relative_to(where) else 'be inside'} the "
+                f"state dir {root}; pick a directory outside it"
+            )
+        with os.scandir(where) as entries:
+            if next(entries, None) is not None:
+                raise InvalidArgument(
+                    f"mount point {where} is not empty; its files would be hidden, so "
+                    "pick an empty directory"
+                )
+        return where
+
+    def mount(self, name: str, target: str | os.PathLike[str]) -> Path:
+        self.stat(name)  # the name first: a typo there is the likelier mistake
+        where = self._check_mount_point(target)
         with self.changing():
             info = self.stat(name)
             records = self.driver.mounts(info.id, info.kind, self.store.chain(info.parent_id))
@@ -301,7 +351,10 @@ class Storage:
         where = str(Path(target).resolve())
         with self.changing():
             if self.store.mount_at(where) is None:
-                raise NotFound(f"{target} is not mounted by minifs; see 'minifs ls'")
+                raise NotFound(
+                    f"{target} is not mounted by minifs; 'minifs inspect NAME' shows where "
+                    "NAME is mounted"
+                )
             if linux.is_mountpoint(where):
                 mounter.unmount(where)
             self.store.remove_mount(where)

@@ -76,9 +76,12 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
         try:
-            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+        except sqlite3.Error as exc:
+            raise self._unusable(exc) from None
+        try:
+            self._open()
         except sqlite3.OperationalError as exc:
             # WAL needs to write its -shm file even to read: a read-only state dir
             # fails here, before anything else.
@@ -87,6 +90,12 @@ class Store:
                 f"cannot open the metadata store {path} ({exc}); make its directory "
                 "writable or pass --root DIR / set MINIFS_ROOT to a writable directory"
             ) from None
+        except sqlite3.Error as exc:
+            self.db.close()
+            raise self._unusable(exc) from None
+
+    def _open(self) -> None:
+        self.db.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed transaction survives power loss, not only a crash.
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
@@ -98,6 +107,14 @@ class Store:
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _unusable(self, exc: sqlite3.Error) -> StateDirError:
+        """A store sqlite cannot read (overwritten, truncated, not a file). Never
+        repaired or replaced here: it holds the only record of every layer."""
+        return StateDirError(
+            f"the metadata store {self.path} cannot be read ({exc}); restore it from a "
+            "backup, or pass --root DIR / set MINIFS_ROOT to another state dir"
+        )
 
     def close(self) -> None:
         self.db.close()

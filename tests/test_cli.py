@@ -293,7 +293,12 @@ def test_every_command_parses_alone(capsys: pytest.CaptureFixture[str]):
         assert capsys.readouterr().out.startswith(f"usage: minifs {command}")
 
 
-def test_unknown_command_lists_every_command():
+def test_unknown_command_suggests_from_every_command():
+    """An unknown word builds every subparser, so the suggestion can be any
+    command (`run` is added last)."""
     done = subprocess.run([MINIFS, "--root", "/x", "nope"], capture_output=True, text=True)
     assert done.returncode == 2
-    assert "invalid choice: 'nope'" in done.stderr and "'run'" in done.stderr
+    assert done.stderr == "minifs: error: unknown command 'nope'; see 'minifs --help'\n"
+    done = subprocess.run([MINIFS, "--root", "/x", "rnu"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "unknown command 'rnu' (did you mean 'run'?)" in done.stderr

@@ -75,11 +75,13 @@ def _short(text: str, width: int = 20) -> str:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     from minifs.container.manage import stop
+    from minifs.output import each
 
-    for name in args.names:
+    def one(name: str) -> None:
         stop(args.root, name, args.time)
         print(name)
-    return 0
+
+    return each(args.names, one)
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -123,7 +125,7 @@ def remove_container(args: argparse.Namespace, name: str) -> bool:
         return False
     from minifs.container.manage import remove
 
-    remove(args.root, name, force=getattr(args, "force", False))
+    remove(args.root, name, force=args.force)
     return True
 
 
@@ -134,6 +136,7 @@ def add_container_parser(sub: argparse._SubParsersAction, default_driver: str) -
         description="Clone IMAGE's layer on a driver and run CMD (or the image's own "
         "command) as PID 1 of new namespaces. Exit code: the command's, or 125 when "
         "minifs itself failed.",
+        error_exit=125,
     )
     p.set_defaults(func=cmd_run)
     p.add_argument("--driver", default=default_driver, help="storage driver for the clone")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -124,6 +125,9 @@ def load(path: Path) -> Container | None:
     try:
         data = json.loads((path / "container.json").read_text())
     except (FileNotFoundError, NotADirectoryError):
+        return None
+    except ValueError:
+        print(f"minifs: warning: skipped {path}: its container.json is damaged", file=sys.stderr)
         return None
     known = {f.name for f in fields(Container)}
     return Container(**{k: v for k, v in data.items() if k in known})

@@ -17,7 +17,7 @@ from minifs import failpoints
 from minifs.errors import InUse, InvalidArgument, MinifsError
 from minifs.images import records
 from minifs.images.content import ContentStore, Staging
-from minifs.images.oci import Image, load
+from minifs.images.oci import Image, check_manifest, load, parse_json
 from minifs.model import Info, Kind
 from minifs.state import StateDir
 from minifs.storage import TRANSIENT_LABEL, Storage
@@ -72,8 +72,17 @@ class Catalog:
         record = records.get(self.store, ref)
         return record, load(self.content, record.digest)
 
-    def list(self) -> list[tuple[records.Record, Image]]:
-        return [(r, load(self.content, r.digest)) for r in records.all_records(self.store)]
+    def list(self) -> list[tuple[records.Record, Image | None, str | None]]:
+        """Every image with its manifest and config, or, for one whose blobs are
+        lost or overwritten, None and why: one damaged image must not hide the
+        others, nor itself from `image rm`."""
+        found: list[tuple[records.Record, Image | None, str | None]] = []
+        for record in records.all_records(self.store):
+            try:
+                found.append((record, load(self.content, record.digest), None))
+            except MinifsError as exc:
+                found.append((record, None, str(exc)))
+        return found
 
     def unpacked_on(self, image: Image) -> list[str]:
         """Drivers holding the image's whole stack."""
@@ -107,12 +116,20 @@ class Catalog:
         """Remove the record `ref`, refusing while a snapshot depends on its
         layers; returns what is left to clean (layers per driver, blobs)."""
         with self.state.locked():
-            record, image = self.get(ref)
+            record = records.get(self.store, ref)
             report = RemoveReport(name=record.name, digest=record.digest)
             others = [r for r in records.all_records(self.store) if r.name != record.name]
             if any(r.digest == record.digest for r in others):
                 records.delete(self.store, record.name)
                 return report  # another name keeps the image: only the name goes
+            try:
+                image = load(self.content, record.digest)
+            except MinifsError:
+                # Damaged: without its manifest its layers cannot be told from
+                # others', so only the name goes; what was unpacked from it
+                # stays for 'minifs rm', and no clone loses its parent.
+                records.delete(self.store, record.name)
+                return report
             user = self._dependent(image)
             if user is not None:
                 raise InUse(
@@ -121,8 +138,9 @@ class Catalog:
                 )
             records.delete(self.store, record.name)
             kept: set[str] = set()
-            for other in others:
-                kept |= {layer.chain_id for layer in load(self.content, other.digest).layers}
+            for _, other, _ in self.list():
+                if other is not None:
+                    kept |= {layer.chain_id for layer in other.layers}
             report.layers = [
                 c for c in (x.chain_id for x in reversed(image.layers)) if c not in kept
             ]
@@ -142,13 +160,24 @@ class Catalog:
                     stack.append(child.id)
         return None
 
+    def _blobs(self, digest: str, image: Image | None) -> set[str]:
+        """The blobs an image needs; of a damaged one, those its manifest still
+        names: kept, so that repairing the one lost blob is enough."""
+        if image is not None:
+            return {digest, image.config_digest, *(x.digest for x in image.layers)}
+        try:
+            manifest = parse_json(self.content.read(digest), f"manifest {digest}")
+            config, layers = check_manifest(manifest, f"manifest {digest}")
+        except MinifsError:
+            return {digest}
+        return {digest, config["digest"], *(d["digest"] for d in layers)}
+
     def collect_garbage(self) -> list[str]:
         """Remove blobs no image references; returns their digests."""
         with self.state.locked():
             used: set[str] = set()
-            for record in records.all_records(self.store):
-                image = load(self.content, record.digest)
-                used |= {record.digest, image.config_digest, *(x.digest for x in image.layers)}
+            for record, image, _ in self.list():
+                used |= self._blobs(record.digest, image)
             unused = sorted(self.content.digests() - used)
             for digest in unused:
                 self.content.remove(digest)

@@ -7,6 +7,7 @@ needs when it runs, like the rest of the CLI.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 
@@ -38,12 +39,35 @@ def _summary(record: Any, image: Any, catalog: Any) -> dict[str, Any]:
     }
 
 
+def _damaged(record: Any, problem: str) -> dict[str, Any]:
+    """The row of an image whose manifest or config cannot be read."""
+    from minifs.output import shown
+
+    print(
+        f"minifs: warning: image {record.name} is damaged ({shown(problem)}); remove it "
+        f"with 'minifs image rm {record.name}' and import it again",
+        file=sys.stderr,
+    )
+    return {
+        "name": record.name,
+        "digest": record.digest,
+        "created": record.created,
+        "layers": None,
+        "size": None,
+        "unpacked_on": [],
+        "error": problem,
+    }
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     from minifs.images.catalog import Catalog
     from minifs.output import ago, emit, human_size, table
 
     with Catalog.open(args.root) as catalog:
-        rows = [_summary(r, i, catalog) for r, i in catalog.list()]
+        rows = [
+            _summary(r, i, catalog) if i is not None else _damaged(r, problem)
+            for r, i, problem in catalog.list()
+        ]
     emit(
         args,
         rows,
@@ -53,9 +77,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 (
                     r["name"],
                     _short(r["digest"]),
-                    r["layers"],
-                    human_size(r["size"]),
-                    ",".join(r["unpacked_on"]) or "-",
+                    "?" if r["layers"] is None else r["layers"],
+                    "?" if r["size"] is None else human_size(r["size"]),
+                    "damaged" if r.get("error") else ",".join(r["unpacked_on"]) or "-",
                     ago(r["created"]),
                 )
                 for r in rows
@@ -94,11 +118,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     from minifs.images.catalog import remove_image
-    from minifs.output import emit
+    from minifs.output import each, emit
 
-    reports = [remove_image(args.root, ref).to_dict() for ref in args.images]
+    reports: list[dict[str, object]] = []
+    status = each(args.images, lambda ref: reports.append(remove_image(args.root, ref).to_dict()))
     emit(args, reports, lambda: [print(r["name"]) for r in reports])
-    return 0
+    return status
 
 
 def cmd_busybox(args: argparse.Namespace) -> int:
@@ -110,6 +135,8 @@ def cmd_busybox(args: argparse.Namespace) -> int:
 
 def add_image_parser(sub: Any) -> None:
     """Add `image` and its subcommands to the top-level subparsers `sub`."""
+    from minifs.arguments import path
+
     image = sub.add_parser(
         "image",
         help="import, list, inspect and remove images",
@@ -130,7 +157,7 @@ def add_image_parser(sub: Any) -> None:
         cmd_import,
         "import a docker/podman save archive, an OCI layout (dir or tar) or a rootfs tar",
     )
-    p.add_argument("path")
+    p.add_argument("path", type=path)
     p.add_argument("--name", help="name of the image (default: the archive's own tags)")
     p.add_argument(
         "--no-devices",

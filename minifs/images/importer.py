@@ -24,6 +24,7 @@ import io
 import os
 import posixpath
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -384,7 +385,9 @@ def _stem(path: Path) -> str:
     name = path.name.lower()
     name = re.sub(r"(\.tar)?(\.gz|\.tgz|\.zst|\.zstd)?$", "", name) or "image"
     name = re.sub(r"\.(tar|oci)$", "", name) or "image"
-    return re.sub(r"[^a-z0-9._-]+", "-", name).strip(".-_") or "image"
+    name = re.sub(r"[^a-z0-9._-]+", "-", name)
+    # Separators as image names allow them: one '.' or '_', '__', or dashes.
+    return re.sub(r"[._-]{2,}", "-", name).strip(".-_") or "image"
 
 
 # -- entry point ------------------------------------------------------------------------
@@ -398,12 +401,8 @@ def import_path(
 ) -> list[Imported]:
     """Import every image in `path`; all or nothing."""
     source = Path(path)
-    if not source.exists():
-        raise NotFound(
-            f"{source} does not exist; give a docker/podman save archive, an OCI "
-            "layout (directory or tar) or a root filesystem tar"
-        )
-    wanted = records.normalize(name) if name else None
+    _check_source(source)
+    wanted = records.normalize(name) if name is not None else None
     stem = _stem(source)
     with Catalog.open(root) as catalog, catalog.content.staging(catalog.scratch) as staging:
         try:
@@ -449,6 +448,32 @@ def import_path(
             for c, names in zip(candidates, named, strict=True)
             for n in names
         ]
+
+
+def _check_source(source: Path) -> None:
+    """A regular file or a directory. Anything else is read more than once
+    (sniffed, scanned, copied), which a pipe cannot be, and a device may never
+    end: /dev/zero would be copied into the state dir until its disk filled."""
+    what = (
+        "give a docker/podman save archive, an OCI layout (directory or tar) "
+        "or a root filesystem tar"
+    )
+    try:
+        mode = source.stat().st_mode
+    except FileNotFoundError:
+        hint = (
+            " (reading from stdin is not supported; save it to a file)"
+            if str(source) == "-"
+            else ""
+        )
+        raise NotFound(f"{source} does not exist{hint}; {what}") from None
+    except OSError as exc:
+        raise InvalidArgument(f"{source} cannot be read ({exc.strerror}); {what}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise InvalidArgument(
+            f"{source} is not a regular file or directory (a device or a pipe); save the "
+            "archive to a file and import that"
+        )
 
 
 def _candidates(source: Path, staging: Staging, stem: str, allow_devices: bool) -> list[_Candidate]:

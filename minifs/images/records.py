@@ -16,7 +16,17 @@ from dataclasses import dataclass
 from minifs.errors import InvalidArgument, NotFound
 from minifs.store import Store
 
-IMAGE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}")
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_HOST = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+REFERENCE_RE = re.compile(
+    rf"(?P<name>(?:{_HOST}(?:\.{_HOST})*(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*)"
+    r"(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?"
+)
+"""Docker's reference grammar (distribution/reference): an optional registry
+host, lowercase path components, an optional tag and an optional digest. What
+docker would refuse (`App`, `a:b:c`, `x:`) is refused here too, rather than
+stored under a name no other tool can use."""
+MAX_NAME = 255
 
 _TABLE = (
     "CREATE TABLE IF NOT EXISTS images ("
@@ -33,9 +43,11 @@ class Record:
 
 def normalize(name: str) -> str:
     """`busybox` -> `busybox:latest`; a name with a tag or digest stays as it is."""
-    if not IMAGE_NAME_RE.fullmatch(name) or ".." in name or "//" in name:
+    match = REFERENCE_RE.fullmatch(name)
+    if match is None or len(match["name"]) > MAX_NAME:
         raise InvalidArgument(
-            f"invalid image name {name!r}; use letters, digits and ._/:@+- like localhost/app:1.0"
+            f"invalid image name {name!r}; write it like localhost/app:1.0 (a lowercase "
+            "name, then :TAG or @sha256:DIGEST if you like)"
         )
     last = name.rsplit("/", 1)[-1]
     return name if ":" in last or "@" in last else name + ":latest"
