@@ -31,9 +31,19 @@ def _output(path: str | None) -> Iterator[BinaryIO]:
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()
         return
+    from minifs.errors import NotFound
+
+    if not path:
+        raise InvalidArgument("-o needs a file name")
     target = Path(path)
     if target.is_dir():
         raise InvalidArgument(f"{target} is a directory; give -o a file name")
+    if target.exists() and not target.is_file():
+        with open(target, "wb") as out:  # /dev/null, a fifo: write through, never replace
+            yield out
+        return
+    if not target.parent.is_dir():
+        raise NotFound(f"{target.parent} does not exist; create it or give -o another file")
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     try:
         with open(partial, "wb") as out:

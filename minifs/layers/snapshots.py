@@ -40,9 +40,14 @@ def mounted(storage: Storage, info: Info) -> Iterator[Path]:
         mounter.mount_all(records, where)
         try:
             yield where
-        finally:
+        except BaseException:
+            # A Ctrl-C may land while a descriptor under `where` is still open:
+            # detach lazily so the error path never fails on EBUSY.
             for _ in records:
-                mounter.unmount(where)
+                linux.umount(where, linux.MNT_DETACH)
+            raise
+        for _ in records:
+            mounter.unmount(where)
     finally:
         with contextlib.suppress(OSError):
             where.rmdir()
