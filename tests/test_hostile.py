@@ -374,3 +374,38 @@ def test_odd_spellings_land_on_their_normal_path(tmp_path):
         "d/e": "symlink",
     }
     assert tree["d"]["mode"] == 0o700 and (root / "d" / "e").read_bytes() == b"c"
+
+
+class _RewrittenOnceRead(io.FileIO):
+    """A layer file that someone rewrites (same size, other entries) as soon as
+    it has been read to the end once: between the two passes of an apply."""
+
+    def __init__(self, path: Path, replacement: bytes) -> None:
+        super().__init__(path, "r")
+        self._replacement: bytes | None = replacement
+
+    def read(self, size: int = -1) -> bytes:
+        data = super().read(size)
+        if not data and self._replacement is not None:
+            with open(self.name, "r+b") as other_writer:
+                other_writer.write(self._replacement)
+            self._replacement = None
+        return data
+
+
+def test_layer_changed_between_passes_adds_no_entry(tmp_path):
+    """Pass 2 writes what pass 1 accepted, never what the file says by then: a
+    layer rewritten in between can change file bytes, not names or types."""
+    from minifs.layers.apply import apply_layer
+
+    accepted = tar_bytes([member("safe", data=b"a" * 100)])
+    swapped = tar_bytes([member("evil", data=b"b" * 100)])
+    assert len(accepted) == len(swapped)
+    path = tmp_path / "layer.tar"
+    path.write_bytes(accepted)
+    root = tmp_path / "root"
+    root.mkdir()
+    with _RewrittenOnceRead(path, swapped) as layer:
+        stats = apply_layer(layer, root)
+    assert path.read_bytes() == swapped  # the rewrite did happen before pass 2
+    assert stats.files == 1 and sorted(os.listdir(root)) == ["safe"]

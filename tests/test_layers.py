@@ -8,16 +8,21 @@ was applied to, on every driver.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
 import os
+import random
 import stat
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from minifs.layers.apply import OPAQUE_XATTR
+from minifs import linux
+from minifs.layers.apply import OPAQUE_XATTR, apply_layer
 from minifs.layers.snapshots import apply_to, diff_of
 from tests import treeinfo
 from tests.conftest import driver_params
@@ -299,3 +304,107 @@ print(stats.file_bytes, peak_kib())
     print(f"\npeak RSS {peak_kib >> 10} MiB applying a {size >> 20} MiB file")
     assert file_bytes == size
     assert peak_kib < 128 * 1024, f"peak RSS {peak_kib} KiB for a {size >> 20} MiB layer"
+
+
+def _data_layer() -> bytes:
+    """Files whose data ends on, just before and just past block and chunk
+    boundaries, with links, a directory and empty files between them."""
+    rng = random.Random(7)
+    members = [member("d", "dir")]
+    for size in (0, 1, 511, 512, 513, 4096, (1 << 20) - 1, (1 << 20) + 7, 3 << 20, 0):
+        members.append(member(f"d/f{len(members)}", data=rng.randbytes(size)))
+        if len(members) == 4:
+            members += [
+                member("d/hard", "hardlink", linkname="d/f2"),
+                member("d/sym", "symlink", linkname="f2"),
+            ]
+    return tar_bytes(members)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
+    """`tmpfs(name, options)` mounts a tmpfs under tmp_path; unmounted at teardown."""
+    made: list[Path] = []
+
+    def mount(name: str, options: str) -> Path:
+        where = tmp_path / name
+        where.mkdir()
+        linux.mount("tmpfs", where, "tmpfs", 0, options)
+        made.append(where)
+        return where
+
+    yield mount
+    for where in reversed(made):
+        linux.umount(where, linux.MNT_DETACH)
+
+
+@pytest.mark.parametrize(
+    "how", ["path", "path-across-fs", "stream", "gzip", "gzip-no-room", "zstd"]
+)
+def test_file_data_lands_whichever_way_it_is_read(how, tmp_path, tmpfs):
+    """Pass 2 copies file data kernel-side from the layer file (copy_file_range,
+    or sendfile where the layer is on another kind of file system), from the
+    decompressed spool of a gzip'd layer, or by reading the tar again (a
+    BytesIO, a zstd layer, a spool that had no room). Every way gives GNU
+    tar's tree and leaves nothing in the spool directory."""
+    archive = _data_layer()
+    expected = gnu_tar_tree(archive, tmp_path / "reference")
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    layer: Path | io.BytesIO
+    if how == "stream":
+        layer = io.BytesIO(archive)
+    else:
+        where = tmpfs("fs", "size=64M") if how == "path-across-fs" else tmp_path
+        layer = where / "layer.tar"
+        packed = {"gzip": gzip_bytes, "zstd": zstd_bytes}.get(how.split("-")[0], bytes)
+        layer.write_bytes(packed(archive))
+    if how == "path-across-fs":  # what makes this case take the sendfile path
+        with (
+            open(layer, "rb") as src,
+            open(tmp_path / "probe", "wb") as dst,
+            pytest.raises(OSError) as refused,
+        ):
+            os.copy_file_range(src.fileno(), dst.fileno(), 1)
+        assert refused.value.errno == errno.EXDEV
+        (tmp_path / "probe").unlink()
+    if how == "gzip-no-room":  # a quarter of 1 MiB cannot hold the 5 MiB tar
+        spool_dir = tmpfs("small", "size=1M")
+    root = tmp_path / "root"
+    root.mkdir()
+    stats = apply_layer(layer, root, spool_dir=spool_dir)
+    assert stats.diff_id == "sha256:" + hashlib.sha256(archive).hexdigest()
+    assert treeinfo.differences(expected, treeinfo.record(root, mtimes=True)) == []
+    assert list(spool_dir.iterdir()) == []
+
+
+def test_plan_memory_is_bounded_by_bytes(tmp_path):
+    """Pass 1 keeps what pass 2 will write in a temporary file, in batches
+    bounded by count and by size: entries with big xattrs (here 3,000 of
+    60 KiB, 180 MiB in all) must not pile up in memory."""
+    script = f"""
+def peak_kib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+from minifs.layers.plan import Plan, Record
+value = bytes(60 << 10)
+before = peak_kib()
+plan = Plan({str(tmp_path)!r})
+for i in range(3000):
+    xattrs = {{"user.big": value + i.to_bytes(4, "big")}}
+    plan.add(Record("file", (b"d", b"f%d" % i), 0o644, 0, 0, 0, b"", 0, 0, xattrs, 512 * i, 0))
+seen = 0
+for i, record in enumerate(plan):
+    assert record.parts == (b"d", b"f%d" % i)
+    assert record.xattrs["user.big"][-4:] == i.to_bytes(4, "big")
+    seen += 1
+plan.close()
+print(seen, before, peak_kib())
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    seen, before_kib, peak_kib = map(int, done.stdout.split())
+    assert seen == 3000
+    assert peak_kib - before_kib < 48 * 1024, f"{peak_kib - before_kib} KiB for the plan"
+    assert list(tmp_path.iterdir()) == []

@@ -26,7 +26,8 @@ FILES = int(os.environ.get("MINIFS_THROUGHPUT_FILES", "4000"))
 
 
 def _write_layer(path, megabytes: int, files: int) -> int:
-    """A layer of `files` files over 100 directories, sizes spread around the mean."""
+    """A layer of `files` files over 100 directories, sizes spread around the
+    mean; a file larger than the 1 MiB pool of random bytes repeats it."""
     rng = random.Random(42)
     pool = rng.randbytes(1 << 20)
     mean = (megabytes << 20) // files
@@ -36,12 +37,14 @@ def _write_layer(path, megabytes: int, files: int) -> int:
         for d in range(100):
             tar.add(Entry(name=b"d%03d" % d, type=DIR, mode=0o755, mtime_ns=10**18))
             for f in range(d, files, 100):
-                size = min(rng.randint(0, 2 * mean), len(pool))
-                start = rng.randrange(len(pool) - size + 1)
-                data = pool[start : start + size]
+                size = rng.randint(0, 2 * mean)
+                head = min(size, len(pool))
+                start = rng.randrange(len(pool) - head + 1)
+                whole, rest = divmod(size - head, len(pool))
+                data = [pool[start : start + head], *[pool] * whole, pool[:rest]]
                 total += size
                 entry = Entry(name=b"d%03d/f%06d" % (d, f), type=FILE, size=size, mtime_ns=10**18)
-                tar.add(entry, iter([data]))
+                tar.add(entry, iter(data))
         tar.close()
     return total
 

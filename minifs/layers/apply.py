@@ -11,6 +11,11 @@ the limit. It also refuses what the kernel would only refuse in pass 2, half-way
 through: mtimes past a 64-bit time_t, device numbers wider than dev_t, xattr
 names or values the kernel rejects (size, a malformed file capability or ACL).
 A non-seekable source is spooled to a file first so pass 2 can read it again.
+Pass 1 also writes down what pass 2 is to do (`plan`: each accepted entry's
+path, type, metadata and where its data starts), so pass 2 never parses the
+archive again and can write nothing pass 1 did not accept; file data is
+copied kernel-side from the layer, or from the decompressed copy pass 1 kept
+of a compressed one (`filedata`).
 
 Pass 2 writes through `safefs.Root`, never following a symlink, in one of two
 forms. A *tree* (vfs and every driver that holds a full tree) gets real
@@ -43,6 +48,8 @@ from minifs import failpoints
 from minifs.errors import BackendError
 from minifs.layers import safefs
 from minifs.layers.compression import open_tar
+from minifs.layers.filedata import Positional, Sequential, Spool
+from minifs.layers.plan import Plan, Record
 from minifs.layers.safefs import Parts, Root
 from minifs.layers.scratch import make_file
 from minifs.layers.seen import Seen
@@ -109,7 +116,9 @@ class LayerStats:
 
 def entry_parts(name: bytes, label: str | None = None) -> Parts:
     """A member name as path components inside the root, or BadLayer."""
-    parts = tuple(p for p in name.split(b"/") if p and p != b".")
+    parts = tuple(name.split(b"/"))
+    if b"" in parts or b"." in parts:  # `a//b`, `./a`, `a/.`, a directory's `a/`
+        parts = tuple(p for p in parts if p and p != b".")
     problem = None
     if not name:
         problem = "empty name"
@@ -119,7 +128,9 @@ def entry_parts(name: bytes, label: str | None = None) -> Parts:
         problem = "absolute path"
     elif b".." in parts:
         problem = "'..' component escapes the root"
-    elif len(name) > PATH_MAX or max(map(len, parts), default=0) > NAME_MAX:
+    elif len(name) > NAME_MAX and (
+        len(name) > PATH_MAX or max(map(len, parts), default=0) > NAME_MAX
+    ):
         problem = "name too long"
     if problem:
         raise BadLayer(f"{label or f'entry {show(name)}'}: {problem}")
@@ -153,6 +164,7 @@ class _Source:
     ) -> None:
         self._spool: str | None = None
         self._file: BinaryIO | None = None
+        self._start = 0
         if isinstance(source, (str, os.PathLike)):
             self._path: str | None = os.fspath(source)
             return
@@ -181,6 +193,23 @@ class _Source:
         assert self._file is not None
         self._file.seek(self._start)
         return _Unclosed(self._file)  # type: ignore[return-value]
+
+    def file_data(
+        self, raw: BinaryIO, compressed: bool, spool: Spool, limit: int
+    ) -> Positional | Sequential:
+        """Where pass 2 reads file data from, `raw` being this source opened again:
+        the decompressed copy in `spool`, else the file itself if it is an
+        uncompressed tar, else the tar stream once more."""
+        if compressed:
+            fd, base = spool.fileno(), 0
+        else:
+            try:
+                fd, base = raw.fileno(), self._start
+            except (OSError, ValueError):  # io.UnsupportedOperation: a BytesIO
+                fd = None
+        if fd is not None:
+            return Positional(fd, base)
+        return Sequential(open_tar(raw, limit, hashed=False))
 
     def close(self) -> None:
         if self._spool:
@@ -218,23 +247,46 @@ def validate(
 
     src = _Source(source, None, default_limit() if limit is None else limit)
     try:
-        return _validate(src, expected_diff_id, allow_devices, limit)
+        return _validate(src, expected_diff_id, allow_devices, limit)[0]
     finally:
         src.close()
 
 
 def _validate(
-    src: _Source, expected_diff_id: str | None, allow_devices: bool, limit: int | None
-) -> LayerStats:
+    src: _Source,
+    expected_diff_id: str | None,
+    allow_devices: bool,
+    limit: int | None,
+    plan: Plan | None = None,
+    spool: Spool | None = None,
+) -> tuple[LayerStats, bool]:
+    """Pass 1: the stats, and whether the layer is compressed. Each accepted
+    entry goes into `plan`; the decompressed tar of a compressed layer into `spool`."""
     stats = LayerStats()
     seen = Seen()
     with src.open() as raw:
-        stream = open_tar(raw, limit)
+        stream = open_tar(raw, limit, tee=spool)
         reader = TarReader(stream)  # type: ignore[arg-type]
         for entry in reader:
-            _check_entry(entry, seen, stats, allow_devices)
-            while reader.read(_CHUNK):
-                pass
+            checked = _check_entry(entry, seen, stats, allow_devices)
+            if plan is not None and checked is not None:
+                parts, link = checked
+                plan.add(
+                    Record(
+                        entry.type,
+                        parts,
+                        entry.mode,
+                        entry.uid,
+                        entry.gid,
+                        entry.mtime_ns,
+                        link,
+                        entry.devmajor,
+                        entry.devminor,
+                        entry.xattrs,
+                        reader.offset,
+                        entry.size,
+                    )
+                )
         stats.size = stream.count
         stats.diff_id = "sha256:" + stream.digest.hexdigest()
     if expected_diff_id and stats.diff_id != expected_diff_id:
@@ -242,7 +294,7 @@ def _validate(
             f"layer content is {stats.diff_id} but its diff_id says {expected_diff_id} "
             "(corrupt or tampered)"
         )
-    return stats
+    return stats, stream.compressed
 
 
 def _bad(entry: Entry, reason: str) -> BadLayer:
@@ -287,7 +339,11 @@ def _valid_acl(value: bytes) -> bool:
     return all(int.from_bytes(value[i : i + 2], "little") in tags for i in range(4, len(value), 8))
 
 
-def _check_entry(entry: Entry, seen: Seen, stats: LayerStats, allow_devices: bool) -> None:
+def _check_entry(
+    entry: Entry, seen: Seen, stats: LayerStats, allow_devices: bool
+) -> tuple[Parts, bytes | Parts] | None:
+    """Refuse `entry` or record it; for an entry to write (not a whiteout), its
+    parts and link (a hard link's target as parts)."""
     parts = entry_parts(entry.name)
     stats.entries += 1
     target = whiteout_of(parts)
@@ -297,7 +353,7 @@ def _check_entry(entry: Entry, seen: Seen, stats: LayerStats, allow_devices: boo
             stats.opaques.append(parts[:-1])
         else:
             stats.whiteouts.append((parts[:-1], target))
-        return
+        return None
     if parts == () and entry.type != DIR:
         raise _bad(entry, "the root of a layer must be a directory")
     if entry.type in (CHAR, BLOCKDEV) and not allow_devices:
@@ -314,9 +370,10 @@ def _check_entry(entry: Entry, seen: Seen, stats: LayerStats, allow_devices: boo
         problem = _xattr_problem(entry, key, value)
         if problem:
             raise _bad(entry, f"xattr {key!r} {problem}")
+    link: bytes | Parts = entry.linkname
     if entry.type == HARDLINK:
         label = f"entry {show(entry.name)}: hard link target {show(entry.linkname)}"
-        linked = entry_parts(entry.linkname, label)
+        link = linked = entry_parts(entry.linkname, label)
         kind = seen.get(linked)
         if kind is None or linked == parts:
             raise _bad(
@@ -333,6 +390,7 @@ def _check_entry(entry: Entry, seen: Seen, stats: LayerStats, allow_devices: boo
     if entry.type == FILE:
         stats.files += 1
         stats.file_bytes += entry.size
+    return parts, link
 
 
 # -- pass 2 ------------------------------------------------------------------------
@@ -429,54 +487,56 @@ class _Writer:
 
     # -- entries --------------------------------------------------------------------
 
-    def put(self, entry: Entry, parts: Parts, reader: TarReader) -> None:
+    def put(self, item: Record, data: Positional | Sequential) -> None:
+        parts = item.parts
         if not parts:
-            self._meta_fd(self.root.fd, entry)
-            self.dir_times.append(((), entry.mtime_ns))
+            self._meta_fd(self.root.fd, item)
+            self.dir_times.append(((), item.mtime_ns))
             return
         parent = self.parent(parts)
         name = parts[-1]
-        if entry.type == DIR:
-            self._dir(parent, name, parts, entry)
+        if item.type == DIR:
+            self._dir(parent, name, parts, item)
             return
         # Create first and look only when something is in the way: most layers
         # land in fresh clones, so this saves a stat per entry.
         try:
-            self._create(parent, name, parts, entry, reader)
+            self._create(parent, name, item, data)
         except FileExistsError:
             existing = safefs.lstat_at(parent, name)
             safefs.remove_at(parent, name)
             if existing is not None and stat.S_ISDIR(existing.st_mode):
                 self.root.removed(parts)
-            self._create(parent, name, parts, entry, reader)
+            self._create(parent, name, item, data)
 
     def _create(
-        self, parent: int, name: bytes, parts: Parts, entry: Entry, reader: TarReader
+        self, parent: int, name: bytes, item: Record, data: Positional | Sequential
     ) -> None:
-        if entry.type == FILE:
-            self._file(parent, name, entry, reader)
-        elif entry.type == SYMLINK:
-            os.symlink(entry.linkname, name, dir_fd=parent)
-            self._meta_at(parent, name, entry, symlink=True)
-        elif entry.type == HARDLINK:
-            target = entry_parts(entry.linkname)
+        if item.type == FILE:
+            self._file(parent, name, item, data)
+        elif item.type == SYMLINK:
+            os.symlink(item.link, name, dir_fd=parent)
+            self._meta_at(parent, name, item, symlink=True)
+        elif item.type == HARDLINK:
+            target = item.link
+            assert isinstance(target, tuple)
             source_dir = self.root.dir(target[:-1])
             if source_dir is None:
-                raise BadLayer(f"entry {show(entry.name)}: hard link target vanished")
+                raise BadLayer(f"entry {show(b'/'.join(item.parts))}: hard link target vanished")
             os.link(
                 target[-1],
                 name,
                 src_dir_fd=source_dir,
-                dst_dir_fd=self.parent(parts),
+                dst_dir_fd=self.parent(item.parts),
                 follow_symlinks=False,
             )
         else:
-            kind = {CHAR: stat.S_IFCHR, BLOCKDEV: stat.S_IFBLK, FIFO: stat.S_IFIFO}[entry.type]
-            device = os.makedev(entry.devmajor, entry.devminor) if entry.type != FIFO else 0
+            kind = {CHAR: stat.S_IFCHR, BLOCKDEV: stat.S_IFBLK, FIFO: stat.S_IFIFO}[item.type]
+            device = os.makedev(item.devmajor, item.devminor) if item.type != FIFO else 0
             os.mknod(name, kind | 0o600, device, dir_fd=parent)
-            self._meta_at(parent, name, entry, symlink=False)
+            self._meta_at(parent, name, item, symlink=False)
 
-    def _dir(self, parent: int, name: bytes, parts: Parts, entry: Entry) -> None:
+    def _dir(self, parent: int, name: bytes, parts: Parts, item: Record) -> None:
         try:
             os.mkdir(name, 0o700, dir_fd=parent)
         except FileExistsError:
@@ -489,41 +549,39 @@ class _Writer:
                     os.setxattr(safefs.proc_path(parent, name), OPAQUE_XATTR, b"y")
         fd = safefs.open_dir_at(parent, name)
         try:
-            self._meta_fd(fd, entry)
+            self._meta_fd(fd, item)
         finally:
             os.close(fd)
-        self.dir_times.append((parts, entry.mtime_ns))
+        self.dir_times.append((parts, item.mtime_ns))
 
-    def _file(self, parent: int, name: bytes, entry: Entry, reader: TarReader) -> None:
+    def _file(self, parent: int, name: bytes, item: Record, data: Positional | Sequential) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(name, flags, 0o600, dir_fd=parent)
         try:
-            while chunk := reader.read(_CHUNK):
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
-            self._meta_fd(fd, entry)
-            os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+            if item.size:
+                data.copy(fd, item.offset, item.size)
+            self._meta_fd(fd, item)
+            os.utime(fd, ns=(item.mtime_ns, item.mtime_ns))
         finally:
             os.close(fd)
 
     @staticmethod
-    def _meta_fd(fd: int, entry: Entry) -> None:
+    def _meta_fd(fd: int, item: Record) -> None:
         # chown first: it clears set-id bits and security.capability.
-        os.fchown(fd, entry.uid, entry.gid)
-        os.fchmod(fd, entry.mode)
-        for key, value in entry.xattrs.items():
+        os.fchown(fd, item.uid, item.gid)
+        os.fchmod(fd, item.mode)
+        for key, value in item.xattrs.items():
             os.setxattr(fd, key, value)
 
     @staticmethod
-    def _meta_at(parent: int, name: bytes, entry: Entry, symlink: bool) -> None:
-        os.chown(name, entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
+    def _meta_at(parent: int, name: bytes, item: Record, symlink: bool) -> None:
+        os.chown(name, item.uid, item.gid, dir_fd=parent, follow_symlinks=False)
         if not symlink:
             # A device or fifo just made here: never follow, even if swapped meanwhile.
-            os.chmod(name, entry.mode, dir_fd=parent, follow_symlinks=False)
-        for key, value in entry.xattrs.items():
+            os.chmod(name, item.mode, dir_fd=parent, follow_symlinks=False)
+        for key, value in item.xattrs.items():
             os.setxattr(safefs.proc_path(parent, name), key, value, follow_symlinks=False)
-        os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=parent, follow_symlinks=False)
+        os.utime(name, ns=(item.mtime_ns, item.mtime_ns), dir_fd=parent, follow_symlinks=False)
 
     def finish(self) -> None:
         """Directory times last, deepest first: writing inside a directory bumps its mtime."""
@@ -590,10 +648,14 @@ def apply_layer(
 
     started = time.perf_counter()
     cap = default_limit() if limit is None else limit
-    src = _Source(source, Path(spool_dir) if spool_dir else None, cap)
+    where = Path(spool_dir) if spool_dir else None
+    src = _Source(source, where, cap)
+    plan = spool = None
     try:
         failpoints.hit("apply:after-spool")
-        stats = _validate(src, expected_diff_id, allow_devices, cap)
+        plan = Plan(where)
+        spool = Spool(where)  # written to only if the layer is gzip'd
+        stats, compressed = _validate(src, expected_diff_id, allow_devices, cap, plan, spool)
         writer = _Writer(Path(root), overlay, [Path(p) for p in lowers])
         try:
             for parent, name in stats.whiteouts:
@@ -601,16 +663,16 @@ def apply_layer(
             for parts in stats.opaques:
                 _step(writer.opaque, (*parts, OPAQUE), parts)
             with src.open() as raw:
-                reader = TarReader(open_tar(raw, cap, hashed=False))  # type: ignore[arg-type]
-                for entry in reader:
-                    parts = entry_parts(entry.name)
-                    if whiteout_of(parts) is None:
-                        _step(writer.put, parts, entry, parts, reader)
+                data = src.file_data(raw, compressed, spool, cap)
+                for item in plan:
+                    _step(writer.put, item.parts, item, data)
             writer.finish()
         finally:
             writer.close()
     finally:
-        src.close()
+        for held in (spool, plan, src):
+            if held is not None:
+                held.close()
     stats.seconds = time.perf_counter() - started
     return stats
 

@@ -13,7 +13,7 @@ import hashlib
 import io
 import os
 import zlib
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from minifs.errors import InvalidArgument
 from minifs.layers.tarformat import BadLayer
@@ -25,6 +25,12 @@ _REFUSED = ((b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x04\x22\x4d\x18", "l
 LIMIT_ENV = "MINIFS_LAYER_LIMIT"
 DEFAULT_LIMIT = 64 << 30
 """Most bytes one layer may decompress to; raise it with MINIFS_LAYER_LIMIT=200G."""
+
+
+class Sink(Protocol):
+    """Where a copy of the decompressed stream goes."""
+
+    def write(self, data: bytes) -> None: ...
 
 
 def default_limit() -> int:
@@ -49,9 +55,16 @@ class _Counted(io.RawIOBase):
     """Pass reads through, hashing them, and refuse past `limit` bytes."""
 
     def __init__(
-        self, inner: BinaryIO, limit: int, errors: tuple[type[Exception], ...], hashed: bool
+        self,
+        inner: BinaryIO,
+        limit: int,
+        errors: tuple[type[Exception], ...],
+        hashed: bool,
+        tee: Sink | None,
     ) -> None:
         self._inner = inner
+        self._tee = tee
+        self.compressed = False
         self._limit = limit
         self._errors = errors
         self.count = 0
@@ -74,6 +87,8 @@ class _Counted(io.RawIOBase):
             )
         if self._hashed:
             self.digest.update(data)
+        if self._tee is not None:
+            self._tee.write(data)
         return data
 
     def readinto(self, buffer: bytearray) -> int:  # type: ignore[override]
@@ -82,25 +97,32 @@ class _Counted(io.RawIOBase):
         return len(data)
 
 
-def open_tar(raw: BinaryIO, limit: int | None = None, hashed: bool = True) -> _Counted:
+def open_tar(
+    raw: BinaryIO,
+    limit: int | None = None,
+    hashed: bool = True,
+    tee: Sink | None = None,
+) -> _Counted:
     """The uncompressed tar stream of `raw`, bounded, and hashed (its diff_id)
-    unless a second read does not need it."""
-    head = _peek(raw)
-    kind = sniff(head)
+    unless a second read does not need it. A gzip'd one is also written to
+    `tee` as it is read (see filedata.Spool): inflating runs at ~150 MiB/s, so
+    writing it down once beats inflating it twice; zstd decompresses faster
+    than that copy could be written and read back."""
+    kind = sniff(_peek(raw))
     limit = default_limit() if limit is None else limit
     if kind == GZIP:
-        return _Counted(
-            gzip.GzipFile(fileobj=raw, mode="rb"),  # type: ignore[arg-type]
-            limit,
-            (OSError, EOFError, zlib.error),
-            hashed,
-        )
-    if kind == ZSTD:
+        inner: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[assignment]
+        errors: tuple[type[Exception], ...] = (OSError, EOFError, zlib.error)
+    elif kind == ZSTD:
         import zstandard
 
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        return _Counted(reader, limit, (zstandard.ZstdError,), hashed)  # type: ignore[arg-type]
-    return _Counted(raw, limit, (), hashed)
+        inner = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        errors, tee = (zstandard.ZstdError,), None
+    else:
+        inner, errors, tee = raw, (), None
+    stream = _Counted(inner, limit, errors, hashed, tee)
+    stream.compressed = kind != NONE
+    return stream
 
 
 def _peek(raw: BinaryIO) -> bytes:

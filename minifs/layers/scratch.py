@@ -19,6 +19,7 @@ import re
 import stat
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 from minifs import linux
 from minifs.layers import safefs
@@ -60,6 +61,13 @@ def make_dir(where: str | os.PathLike[str], kind: str) -> Path:
 def make_file(where: str | os.PathLike[str] | None, kind: str, suffix: str = "") -> tuple[int, str]:
     """A new file (fd, path) in `where` (None: the system's temp dir) owned by this process."""
     return tempfile.mkstemp(prefix=f"{kind}-{owner_tag()}-", suffix=suffix, dir=where)
+
+
+def unnamed_file(where: str | os.PathLike[str] | None, buffering: int = -1) -> BinaryIO:
+    """A temporary file for this process only, gone when closed. It has no name
+    (O_TMPFILE), so a crash leaves nothing; where the file system cannot do
+    that, tempfile names it briefly, and names it so `sweep` knows it."""
+    return tempfile.TemporaryFile(dir=where, prefix=f"layer-{owner_tag()}-", buffering=buffering)
 
 
 def _alive(pid: int, start: int, ns: int) -> bool:

@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import stat
+import struct
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import BinaryIO
+from zlib import adler32
 
 from minifs.errors import InvalidArgument
 
 BLOCK = 512
+_ZERO_BLOCK = bytes(BLOCK)
+_MODE_TO_MTIME = struct.Struct("8s8s8s12x12s")
 MAX_META = 1 << 20
 """Largest PAX or GNU long-name header accepted: names are at most 4096 bytes."""
 
@@ -74,7 +77,7 @@ def show(name: bytes) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """One archive member, with names as raw bytes exactly as stored."""
 
@@ -117,11 +120,42 @@ def _number(field_: bytes, what: str, name: bytes) -> int:
     return int(text, 8) if text else 0
 
 
+def _numbers(block: bytes, name: bytes) -> tuple[int, int, int, int]:
+    """Mode, uid, gid and mtime (in seconds) of a header: `_number`, with the
+    common case (octal digits, then NULs or spaces) in a few C calls, as a
+    layer of many small files has a header per few KiB."""
+    mode, uid, gid, mtime = _MODE_TO_MTIME.unpack_from(block, 100)
+    mode, uid, gid = mode.rstrip(b"\0 "), uid.rstrip(b"\0 "), gid.rstrip(b"\0 ")
+    mtime = mtime.rstrip(b"\0 ")
+    if mode and uid and gid and mtime and (mode + uid + gid + mtime).isdigit():
+        try:
+            return int(mode, 8), int(uid, 8), int(gid, 8), int(mtime, 8)
+        except ValueError:  # an 8 or a 9: the slow path names it
+            pass
+    return (
+        _number(block[100:108], "mode", name),
+        _number(block[108:116], "uid", name),
+        _number(block[116:124], "gid", name),
+        _number(block[136:148], "mtime", name),
+    )
+
+
+def _size(block: bytes) -> int:
+    text = block[124:136].rstrip(b"\0 ")
+    if text.isdigit() and b"8" not in text and b"9" not in text:
+        return int(text, 8)
+    return _number(block[124:136], "size", block[:100].split(b"\0", 1)[0])
+
+
 def _checksum_ok(block: bytes) -> bool:
     stored = _octal_text(block[148:156])
     if not stored:
         return False
-    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    # The sum of the bytes, the checksum field counted as spaces. adler32's low
+    # half is 1 + the byte sum mod 65521, exact for 256 bytes (at most 65280),
+    # and far cheaper than sum() over 512 ints.
+    total = (adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF) - 2
+    unsigned = total - sum(block[148:156]) + 8 * 32
     if int(stored, 8) == unsigned:
         return True
     # Some old writers summed signed chars.
@@ -162,39 +196,70 @@ def _pax_time(value: bytes) -> int:
 
 
 class TarReader:
-    """Iterate the entries of a tar stream; read each entry's data before `next`.
+    """Iterate the entries of a tar stream. Their data is passed over: right
+    after `next`, `offset` says where the entry's data starts in the stream,
+    for whoever reads it from there (pass 2 of an apply, image import).
 
-    Every byte of the stream passes through `read_raw`, so a hashing wrapper
-    below sees the whole archive, trailing padding included.
+    The stream is read in large chunks into one buffer that headers are sliced
+    from and skipped data only moves a position in: a layer of many small files
+    then costs a few Python operations per entry, not several reads. Every byte
+    of the stream is still read, in order, so a hashing wrapper below sees the
+    whole archive, trailing padding included.
     """
 
+    CHUNK = 1 << 20
+
     def __init__(self, stream: BinaryIO) -> None:
-        # Headers are read 512 bytes at a time: buffer a raw (counting) stream.
-        is_raw = isinstance(stream, io.RawIOBase)
-        self._stream = io.BufferedReader(stream, 1 << 20) if is_raw else stream
-        self._left = 0  # unread data of the current entry
-        self._pad = 0
+        self._stream = stream
+        self._buf = b""
+        self._pos = 0  # next unread byte in _buf
+        self._rest = 0  # the current entry's data and padding, not read yet
         self.offset = 0
         self._globals: dict[str, bytes] = {}
         self.current: Entry | None = None
         self._last: bytes | None = None
 
     def _read(self, n: int) -> bytes:
-        data = self._stream.read(n)
-        if len(data) == n:
+        """Up to `n` bytes, fewer only at the end of the stream."""
+        pos = self._pos
+        end = pos + n
+        if end <= len(self._buf):
+            self._pos = end
             self.offset += n
-            return data
-        chunks = [data] if data else []
-        n -= len(data)
-        while n > 0:
-            chunk = self._stream.read(min(n, 1 << 20))
+            return self._buf[pos:end]
+        chunks = [self._buf[pos:]] if pos < len(self._buf) else []
+        have = len(self._buf) - pos if chunks else 0
+        while have < n:
+            chunk = self._stream.read(max(self.CHUNK, n - have))
             if not chunk:
                 break
             chunks.append(chunk)
-            n -= len(chunk)
+            have += len(chunk)
         data = b"".join(chunks)
-        self.offset += len(data)
-        return data
+        self._buf, self._pos = data, min(n, len(data))
+        self.offset += self._pos
+        return data[:n]
+
+    def _skip(self, n: int) -> None:
+        """Pass over `n` bytes (read, so they are hashed, but never copied out)."""
+        rest = len(self._buf) - self._pos
+        if n <= rest:
+            self._pos += n
+            self.offset += n
+            return
+        self.offset += rest
+        n -= rest
+        self._buf, self._pos = b"", 0
+        while n:
+            chunk = self._stream.read(self.CHUNK)
+            if not chunk:
+                raise BadLayer(f"archive is truncated inside {self._where()}")
+            if len(chunk) > n:
+                self._buf, self._pos = chunk, n
+                self.offset += n
+                return
+            self.offset += len(chunk)
+            n -= len(chunk)
 
     def _exact(self, n: int, what: str | None = None) -> bytes:
         """Exactly `n` bytes; `what` names the part for the error (default: the
@@ -204,24 +269,13 @@ class TarReader:
             raise BadLayer(f"archive is truncated inside {what or self._where()}")
         return data
 
-    def read(self, n: int) -> bytes:
-        """Up to `n` bytes of the current entry's data."""
-        n = min(n, self._left)
-        if n <= 0:
-            return b""
-        data = self._exact(n)
-        self._left -= len(data)
-        return data
-
     def _where(self) -> str:
         return f"entry {show(self.current.name)}" if self.current else "a header"
 
     def _skip_rest(self) -> None:
-        while self._left:
-            self.read(1 << 20)
-        if self._pad:
-            self._exact(self._pad)
-            self._pad = 0
+        if self._rest:
+            self._skip(self._rest)
+            self._rest = 0
 
     def _member_data(self, size: int, what: str) -> bytes:
         if size > MAX_META:
@@ -247,7 +301,7 @@ class TarReader:
                 raise BadLayer("archive is truncated: it ends without an end-of-archive marker")
             if len(block) != BLOCK:
                 raise BadLayer("archive is truncated inside a header")
-            if block == bytes(BLOCK):
+            if block == _ZERO_BLOCK:
                 self._finish()
                 return None
             if not _checksum_ok(block):
@@ -255,7 +309,7 @@ class TarReader:
                 where = self.offset - BLOCK
                 raise BadLayer(f"corrupt header at byte {where}{after} (bad checksum)")
             flag = block[156:157]
-            size = _number(block[124:136], "size", block[:100].split(b"\0", 1)[0])
+            size = _size(block)
             if flag in (b"x", b"g"):
                 records = dict(_pax_records(self._member_data(size, "PAX header")))
                 (pax if flag == b"x" else self._globals).update(records)
@@ -269,11 +323,12 @@ class TarReader:
             if flag == b"K":
                 long_link = self._member_data(size, "GNU long link name").split(b"\0", 1)[0]
                 continue
-            entry = self._entry(block, flag, size, {**self._globals, **pax}, long_name, long_link)
+            if self._globals:
+                pax = {**self._globals, **pax}
+            entry = self._entry(block, flag, size, pax, long_name, long_link)
             self.current = entry
             self._last = entry.name
-            self._left = entry.size if entry.type == FILE else 0
-            self._pad = -self._left % BLOCK
+            self._rest = entry.size + -entry.size % BLOCK  # 0 but for a file
             return entry
 
     def _entry(
@@ -286,13 +341,14 @@ class TarReader:
         long_link: bytes | None,
     ) -> Entry:
         name = block[0:100].split(b"\0", 1)[0]
-        if block[257:265] == b"ustar\x0000":
-            prefix = block[345:500].split(b"\0", 1)[0]
-            if prefix:
-                name = prefix + b"/" + name
-        name = pax.get("path", long_name if long_name is not None else name)
-        # GNU sparse 0.x/1.0 in PAX form store the real name apart; name that one.
-        name = pax.get("GNU.sparse.name", name)
+        if block[257:265] == b"ustar\x0000" and block[345]:
+            name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+        if long_name is not None:
+            name = long_name
+        if pax:
+            name = pax.get("path", name)
+            # GNU sparse 0.x/1.0 in PAX form store the real name apart; name that one.
+            name = pax.get("GNU.sparse.name", name)
         kind = _TYPES.get(flag)
         if kind is None:
             what = {b"S": "a GNU sparse file", b"V": "a volume label", b"M": "multi-volume"}
@@ -302,21 +358,14 @@ class TarReader:
             )
         if kind == FILE and name.endswith(b"/"):
             kind = DIR
-        if any(k.startswith("GNU.sparse") for k in pax):
+        if pax and any(k.startswith("GNU.sparse") for k in pax):
             raise BadLayer(
                 f"entry {show(name)}: GNU sparse files are not supported; "
                 "archive it without --sparse"
             )
-        entry = Entry(
-            name=name,
-            type=kind,
-            mode=_number(block[100:108], "mode", name) & 0o7777,
-            uid=_number(block[108:116], "uid", name),
-            gid=_number(block[116:124], "gid", name),
-            size=size,
-            mtime_ns=_number(block[136:148], "mtime", name) * 1_000_000_000,
-            linkname=block[157:257].split(b"\0", 1)[0],
-        )
+        mode, uid, gid, mtime = _numbers(block, name)
+        link = block[157:257].split(b"\0", 1)[0] if block[157] else b""
+        entry = Entry(name, kind, mode & 0o7777, uid, gid, size, mtime * 1_000_000_000, link)
         if kind in (CHAR, BLOCKDEV):
             entry.devmajor = _number(block[329:337], "devmajor", name)
             entry.devminor = _number(block[337:345], "devminor", name)
