@@ -130,3 +130,34 @@ def cli(root: Path) -> Callable[..., subprocess.CompletedProcess]:
         return done
 
     return run
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
+    """`tmpfs(name, options)` mounts a tmpfs under tmp_path; unmounted at teardown."""
+    made: list[Path] = []
+
+    def mount(name: str, options: str) -> Path:
+        where = tmp_path / name
+        where.mkdir()
+        linux.mount("tmpfs", where, "tmpfs", 0, options)
+        made.append(where)
+        return where
+
+    yield mount
+    for where in reversed(made):
+        if linux.is_mountpoint(where):
+            linux.umount(where, linux.MNT_DETACH)
+
+
+def refused(done: subprocess.CompletedProcess, *words: str, code: int = 2) -> str:
+    """The one error line of a refused command: the minifs prefix, exit `code`,
+    no traceback, naming each of `words`."""
+    assert done.returncode == code, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("minifs: error: "), lines[0]
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]

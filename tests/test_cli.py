@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from minifs import linux
-from tests.conftest import MINIFS, driver_params
+from tests.conftest import MINIFS, driver_params, refused
 
 Cli = Callable[..., subprocess.CompletedProcess]
 
@@ -29,17 +29,6 @@ def on_driver(cli: Cli, driver: str) -> Cli:
         return cli(*args, env={"MINIFS_DRIVER": driver, **(env or {})}, check=check)
 
     return run
-
-
-def assert_user_error(done: subprocess.CompletedProcess, *words: str) -> None:
-    """One line, the minifs prefix, exit 2, no traceback; it names the problem."""
-    assert done.returncode == 2, (done.returncode, done.stderr)
-    assert "Traceback" not in done.stderr
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("minifs: error: "), lines[0]
-    for word in words:
-        assert word in lines[0], (word, lines[0])
 
 
 def fingerprint(root: Path) -> tuple[list[tuple], list[tuple], list[tuple]]:
@@ -122,12 +111,12 @@ def test_bad_input_is_one_line_and_changes_nothing(populated, root: Path, tmp_pa
     before = fingerprint(root)
     for argv, words in bad_inputs(driver, tmp_path):
         done = run(*argv)
-        assert_user_error(done, *words)
+        refused(done, *words)
         assert fingerprint(root) == before, f"minifs {' '.join(argv)} changed the state dir"
 
 
 def test_unknown_driver_creates_nothing(cli: Cli, root: Path):
-    assert_user_error(cli("clone", "x", "--driver", "nope"), "nope")
+    refused(cli("clone", "x", "--driver", "nope"), "nope")
     assert not root.exists()
 
 
@@ -138,7 +127,7 @@ def test_umount_leaves_foreign_mounts_alone(cli: Cli, root: Path, tmp_path: Path
     linux.mount("tmpfs", foreign, "tmpfs", 0, "size=1M")
     try:
         before = fingerprint(root)
-        assert_user_error(cli("umount", str(foreign)), "not mounted by minifs")
+        refused(cli("umount", str(foreign)), "not mounted by minifs")
         assert linux.is_mountpoint(foreign)
         assert fingerprint(root) == before
     finally:
@@ -150,13 +139,13 @@ def test_state_dir_not_writable(driver: str, cli: Cli, tmp_path: Path):
     cli = on_driver(cli, driver)
     under_file = tmp_path / "plain-file"
     under_file.write_text("")
-    assert_user_error(cli("--root", str(under_file / "state"), "clone", "x"), "--root")
+    refused(cli("--root", str(under_file / "state"), "clone", "x"), "--root")
 
     ro = tmp_path / "ro"
     ro.mkdir()
     linux.mount("tmpfs", ro, "tmpfs", linux.MS_RDONLY, "size=1M")
     try:
-        assert_user_error(cli("--root", str(ro / "state"), "clone", "x"), "Read-only")
+        refused(cli("--root", str(ro / "state"), "clone", "x"), "Read-only")
     finally:
         linux.umount(ro)
 
@@ -168,7 +157,7 @@ def test_state_dir_not_writable(driver: str, cli: Cli, tmp_path: Path):
         before = fingerprint(state)
         linux.mount("none", ro, None, linux.MS_REMOUNT | linux.MS_RDONLY)
         for argv in (("clone", "x"), ("rm", "base"), ("inspect", "base")):
-            assert_user_error(cli("--root", str(state), *argv), "Read-only")
+            refused(cli("--root", str(state), *argv), "Read-only")
         linux.mount("none", ro, None, linux.MS_REMOUNT)
         assert fingerprint(state) == before
     finally:
@@ -184,7 +173,7 @@ def test_read_only_state_dir_listing(cli: Cli, tmp_path: Path):
         cli("--root", str(state), "clone", "base", env={"MINIFS_DRIVER": "vfs"}, check=True)
         linux.mount("none", ro, None, linux.MS_REMOUNT | linux.MS_RDONLY)
         for argv in (("ls",), ("umount", str(tmp_path))):
-            assert_user_error(cli("--root", str(state), *argv), str(state))
+            refused(cli("--root", str(state), *argv), str(state))
     finally:
         linux.umount(ro)
 
@@ -215,7 +204,7 @@ def test_happy_path(driver: str, cli: Cli, root: Path, tmp_path: Path):
         inspected = json.loads(cli("inspect", "web", "--json", check=True).stdout)
         assert inspected["parent"] == "v1" and inspected["mounted_at"] == [str(target)]
         # A mounted clone is not removed from under its mount.
-        assert_user_error(cli("rm", "web"), "umount")
+        refused(cli("rm", "web"), "umount")
     finally:
         cli("umount", str(target), check=True)
 

@@ -15,29 +15,17 @@ import signal
 import subprocess
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from minifs import linux
-from tests.conftest import MINIFS
+from tests.conftest import MINIFS, refused
 from tests.test_cli import fingerprint
 from tests.test_run import env, minifs, state  # noqa: F401 - the container fixtures
 
 Cli = Callable[..., subprocess.CompletedProcess]
-
-
-def refused(done: subprocess.CompletedProcess, *words: str, code: int = 2) -> str:
-    """The one error line of a refused command, checked for `words`."""
-    assert done.returncode == code, (done.returncode, done.stderr)
-    assert "Traceback" not in done.stderr
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("minifs: error: "), lines[0]
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 @pytest.fixture
@@ -60,24 +48,6 @@ def rootfs_tar(tmp_path: Path) -> Path:
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
     return path
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
-    """`tmpfs(name, options)` mounts a tmpfs under tmp_path; unmounted at teardown."""
-    made: list[Path] = []
-
-    def mount(name: str, options: str) -> Path:
-        where = tmp_path / name
-        where.mkdir()
-        linux.mount("tmpfs", where, "tmpfs", 0, options)
-        made.append(where)
-        return where
-
-    yield mount
-    for where in reversed(made):
-        if linux.is_mountpoint(where):
-            linux.umount(where, linux.MNT_DETACH)
 
 
 # -- the parser -------------------------------------------------------------------

@@ -16,12 +16,10 @@ import random
 import stat
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from minifs import linux
 from minifs.layers.apply import OPAQUE_XATTR, apply_layer
 from minifs.layers.snapshots import apply_to, diff_of
 from tests import treeinfo
@@ -319,23 +317,6 @@ def _data_layer() -> bytes:
                 member("d/sym", "symlink", linkname="f2"),
             ]
     return tar_bytes(members)
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
-    """`tmpfs(name, options)` mounts a tmpfs under tmp_path; unmounted at teardown."""
-    made: list[Path] = []
-
-    def mount(name: str, options: str) -> Path:
-        where = tmp_path / name
-        where.mkdir()
-        linux.mount("tmpfs", where, "tmpfs", 0, options)
-        made.append(where)
-        return where
-
-    yield mount
-    for where in reversed(made):
-        linux.umount(where, linux.MNT_DETACH)
 
 
 @pytest.mark.parametrize(
