@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -56,6 +57,7 @@ def _short_name() -> str:
     return base64.b32encode(os.urandom(16)).decode()[:26]
 
 
+@functools.cache
 def _has_index_param() -> bool:
     return Path("/sys/module/overlay/parameters/index").exists()
 
