@@ -51,7 +51,7 @@ def test_detached_container_ps_logs_exec_stop_rm(minifs: Run, state: Path) -> No
         host, pid, x, pwd, comm = done.stdout.split()
         assert (host, x, pwd, comm) == ("web", "1", "/tmp", "sleep") and int(pid) > 1
         missing = minifs("exec", "web", "no-such-command")
-        assert missing.returncode == 125 and "command not found" in missing.stderr
+        assert missing.returncode == 127 and "command not found" in missing.stderr
         busy = minifs("rm", "web")
         assert busy.returncode == 2 and "is running" in busy.stderr
     finally:

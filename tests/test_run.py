@@ -326,7 +326,7 @@ def test_pids_limit_stops_a_fork_bomb(minifs: Run, state: Path) -> None:
         (["no-such-image", "true"], 125, "no layer or image named"),
         (["--memory", "1k", "busybox", "true"], 125, "--memory 1k"),
         (["--cpus", "0", "busybox", "true"], 125, "--cpus 0"),
-        (["busybox", "no-such-command"], 125, "no-such-command: command not found"),
+        (["busybox", "no-such-command"], 127, "no-such-command: command not found"),
         (["busybox", "/etc/passwd"], 126, "/etc/passwd: permission denied"),
         (["--net", "none", "--ip", "10.1.1.1", "busybox", "true"], 125, "--ip needs --net"),
         (["--masquerade", "busybox", "true"], 125, "--masquerade needs --net bridge"),
@@ -350,7 +350,8 @@ def test_pids_limit_stops_a_fork_bomb(minifs: Run, state: Path) -> None:
 def test_bad_input_is_one_line_and_leaves_nothing(
     minifs: Run, state: Path, args: list[str], code: int, words: str
 ) -> None:
-    """125 for minifs's own errors, 126 for a command that cannot be run (as docker)."""
+    """125 for minifs's own errors, 126 for a command that cannot be run, 127 for
+    one that is not there (as docker; every such case in tests/test_container_exit.py)."""
     done = minifs("run", "--rm", *args)
     assert done.returncode == code, done.stderr
     assert words in done.stderr

@@ -134,8 +134,9 @@ def add_container_parser(sub: argparse._SubParsersAction, default_driver: str) -
         "run",
         help="run a command in a new container (clone, namespaces, pivot_root, cgroups)",
         description="Clone IMAGE's layer on a driver and run CMD (or the image's own "
-        "command) as PID 1 of new namespaces. Exit code: the command's, or 125 when "
-        "minifs itself failed.",
+        "command) as PID 1 of new namespaces. Exit code: the command's; as docker, 126 "
+        "when it cannot be run, 127 when it is not in the image, 125 when minifs itself "
+        "failed.",
         error_exit=125,
     )
     p.set_defaults(func=cmd_run)

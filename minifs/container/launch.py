@@ -46,6 +46,7 @@ from minifs.container.process import (
     DEFAULT_PATH,
     FORWARDED,
     close_fds_but,
+    execute,
     exit_code,
     report,
     reported,
@@ -295,7 +296,7 @@ class Launch:
             close_fds_but(err_w, t.fd)
             reset_signals()
             t.say("exec", time.perf_counter(), f"exec {' '.join(command)}")
-            os.execve(path, command, env)
+            execute(path, command, env)
         except BaseException as exc:
             report(err_w, exc)
         os._exit(127)
@@ -405,9 +406,8 @@ def _start_and_wait(launch: Launch, storage: Storage, notify: Notify | None) -> 
         if launch.unshare_pid is not None:  # interrupted while waiting
             reaped = launch._reap()
             code = code if reaped is None else reaped
-        container.oom_killed = bool(launch.cgroup and launch.cgroup.oom_kills())
-        container.status, container.exit_code = records.EXITED, code
-        container.finished = time.time()
+        _record_exit(container, launch.cgroup, code)
+        container.status = records.EXITED
         finish(container, storage, keep_clone=not container.remove)
     if container.oom_killed and notify is None:
         limit = launch.spec.limits.memory or 0
@@ -416,6 +416,20 @@ def _start_and_wait(launch: Launch, storage: Storage, notify: Notify | None) -> 
             file=sys.stderr,
         )
     return code
+
+
+def _record_exit(container: Container, cgroup: Cgroup | None, code: int) -> None:
+    """Save the exit code the moment the command is reaped, before the cleanup.
+
+    Once this monitor is gone, any concurrent `reclaim` (every stop, ps and
+    run calls one) takes a record that does not say exited for a container
+    whose monitor died; it keeps the code it finds here instead of guessing.
+    The status stays running until `finish` has removed the cgroup and lease,
+    so that exited still means nothing is left to clean up.
+    """
+    container.oom_killed = bool(cgroup and cgroup.oom_kills())
+    container.exit_code, container.finished = code, time.time()
+    container.save()
 
 
 def _to_log(path: Path) -> None:

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 CONTAINER_LABEL = "minifs.container"
 """Set on a container's clone; its value is the container id."""
 BUSYBOX_REFS = ("busybox", "busybox:latest")
+KILLED = 128 + signal.SIGKILL
+"""The exit code of a container whose PID 1 was SIGKILLed, as docker reports it."""
 
 
 def _resolve_image(storage: Storage, ref: str) -> tuple[str, dict]:
@@ -196,15 +198,39 @@ def wait_gone(pid: int, start: int | None, timeout: float) -> bool:
 def reclaim(root: str | os.PathLike[str] | None) -> list[str]:
     """Finish containers whose monitor died; returns what was done."""
     done = []
-    for c in records.all_containers(root):
-        if c.status == records.EXITED or c.monitor_alive():
+    for listed in records.all_containers(root):
+        c = _orphan(listed)
+        if c is None:
             continue
         if c.pid1_alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(c.pid, signal.SIGKILL)  # type: ignore[arg-type]
             wait_gone(c.pid, c.pid_start, 5.0)  # type: ignore[arg-type]
         started = c.status == records.RUNNING
-        c.status, c.error, c.finished = records.EXITED, "its monitor died", time.time()
+        if started and c.exit_code is None:
+            # The monitor died before its command did: its death SIGKILLed the
+            # unshare process and so PID 1 (parent-death signals), or we just did.
+            c.exit_code = KILLED
+        c.status, c.error = records.EXITED, "its monitor died"
+        c.finished = c.finished or time.time()
         finish(c, None, keep_clone=started and not c.remove)
         done.append(f"reclaimed container {c.name} ({c.id[:12]})")
     return done
+
+
+def _orphan(listed: Container) -> Container | None:
+    """The record its monitor left, if that monitor died before recording the
+    end; else None.
+
+    `listed` is no proof: it was read before the monitor was looked at, and a
+    monitor that ends normally saves the exit code, cleans up and saves the
+    end just before it exits. Only a record read once the monitor is seen
+    dead is its last word; finishing from `listed` would overwrite a code
+    saved meanwhile with none (concurrent stops did just that).
+    """
+    if listed.status == records.EXITED or listed.monitor_alive():
+        return None
+    c = records.load(listed.dir)
+    if c is None or c.status == records.EXITED:
+        return None
+    return c

@@ -25,6 +25,7 @@ from minifs.container.process import (
     DEFAULT_PATH,
     FORWARDED,
     close_fds_but,
+    execute,
     exit_code,
     report,
     reported,
@@ -78,19 +79,13 @@ def inspect(root: str | os.PathLike[str] | None, ref: str) -> dict[str, object]:
     return data
 
 
-def _wait_finished(c: Container, timeout: float) -> bool:
-    """Until the monitor has recorded the end (or is gone)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        now = records.load(c.dir)
-        if now is None or now.status == records.EXITED or not now.monitor_alive():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def stop(root: str | os.PathLike[str] | None, ref: str, timeout: float = 10.0) -> Container:
-    """docker stop: SIGTERM to PID 1, SIGKILL after `timeout` seconds."""
+    """docker stop: SIGTERM to PID 1, SIGKILL after `timeout` seconds.
+
+    Returns once the monitor has exited, not only once the record says so: it
+    records the end, cleans up, records it again and closes the store, and a
+    caller that goes on to `rm` or to look for what the container held must
+    find it all done."""
     c = get(root, ref)
     if c.running and c.pid1_alive():
         with contextlib.suppress(ProcessLookupError):
@@ -98,7 +93,7 @@ def stop(root: str | os.PathLike[str] | None, ref: str, timeout: float = 10.0) -
         if not wait_gone(c.pid, c.pid_start, timeout):  # type: ignore[arg-type]
             with contextlib.suppress(ProcessLookupError):
                 os.kill(c.pid, signal.SIGKILL)  # type: ignore[arg-type]
-        _wait_finished(c, 10.0)
+        wait_gone(c.monitor_pid, c.monitor_start, 10.0)  # type: ignore[arg-type]
     reclaim(root)
     return records.load(c.dir) or c
 
@@ -200,7 +195,7 @@ def _joiner(
             path = which(argv[0], env.get("PATH", DEFAULT_PATH))
             close_fds_but(err_w)
             reset_signals()
-            os.execve(path, argv, env)
+            execute(path, argv, env)
         os.write(pid_w, f"{inner}\n".encode())
         # Not close_fds_but(): /proc here is the container's, where we have no pid.
         os.close(pid_w)

@@ -4,7 +4,7 @@ exec: `run`'s PID 1 and `exec`'s command alike.
 Those processes report a failure to the monitor as one line "CODE TEXT" on a
 pipe (`report`, `reported`), so it reaches the user as `minifs run` would have
 said it, with docker's exit codes: 125 for minifs's own errors, 126 for a
-command that is in the image but cannot be run.
+command that is in the image but cannot be run, 127 for one that is not there.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import signal
+from typing import NoReturn
 
 from minifs.container import ContainerError
 from minifs.errors import MinifsError
@@ -30,7 +31,16 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CANNOT_INVOKE = 126
 """docker's exit code for a command that is in the image but cannot be run
 (not executable, a directory, a binary for another machine)."""
-_CANNOT_INVOKE_ERRNOS = (errno.EACCES, errno.ENOEXEC, errno.EISDIR)
+NOT_FOUND = 127
+"""docker's (and a shell's) exit code for a command that is not in the image:
+nowhere in PATH, no such file, or a script whose interpreter is missing."""
+_EXEC_ERRNO_CODES = {
+    errno.EACCES: CANNOT_INVOKE,
+    errno.EISDIR: CANNOT_INVOKE,
+    errno.ENOEXEC: CANNOT_INVOKE,
+    errno.ENOENT: NOT_FOUND,
+    errno.ENOTDIR: NOT_FOUND,
+}
 
 
 def exit_code(status: int) -> int:
@@ -40,19 +50,43 @@ def exit_code(status: int) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
+def _error(code: int, text: str) -> ContainerError:
+    """A ContainerError that exits `code` rather than minifs's own 125."""
+    error = ContainerError(text)
+    error.exit_code = code
+    return error
+
+
 def which(command: str, path: str) -> str:
     """The program to exec, looked up in the container's PATH after pivot_root:
-    125 when it is nowhere, 126 (as docker) when it is there but not runnable."""
+    127 (as docker) when it is nowhere, 126 when it is there but not runnable."""
     candidates = [command] if "/" in command else [f"{d or '.'}/{command}" for d in path.split(":")]
     for candidate in candidates:
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     for candidate in candidates:
+        if os.path.isdir(candidate):
+            raise _error(CANNOT_INVOKE, f"{candidate}: is a directory, not an executable file")
         if os.path.exists(candidate):
-            error = ContainerError(f"{candidate}: permission denied: not an executable file")
-            error.exit_code = CANNOT_INVOKE
-            raise error
-    raise ContainerError(f"{command}: command not found in the image (PATH={path})")
+            raise _error(CANNOT_INVOKE, f"{candidate}: permission denied: not an executable file")
+    if "/" in command:
+        raise _error(NOT_FOUND, f"{command}: no such file in the image")
+    raise _error(NOT_FOUND, f"{command}: command not found in the image (PATH={path})")
+
+
+def execute(path: str, argv: list[str], env: dict[str, str]) -> NoReturn:
+    """execve, its refusal told apart as docker does: 127 when what the file
+    needs is missing (`which` found the file itself), 126 when it cannot be
+    run (a noexec mount, a binary for another machine). Only here does an
+    errno mean that: the same errno from an earlier step is minifs's own 125."""
+    try:
+        os.execve(path, argv, env)
+    except OSError as exc:
+        code = _EXEC_ERRNO_CODES.get(exc.errno or 0, ContainerError.exit_code)
+        text = (exc.strerror or str(exc)).lower()
+        if code == NOT_FOUND:
+            text = "its #! interpreter or loader is not in the image"
+        raise _error(code, f"{path}: {text}") from None
 
 
 def close_fds_but(*keep: int) -> None:
@@ -76,14 +110,12 @@ def reset_signals() -> None:
 
 def report(err_w: int, exc: BaseException) -> None:
     """One line "CODE TEXT" for the monitor to raise as ContainerError: the
-    error's own exit code, 126 when exec refused the file, else 125."""
+    error's own exit code (126 or 127 from `which` and `execute`), else 125."""
     code = ContainerError.exit_code
     if isinstance(exc, MinifsError):
         code, text = exc.exit_code, str(exc)
     elif isinstance(exc, OSError):
         text = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
-        if exc.errno in _CANNOT_INVOKE_ERRNOS:
-            code = CANNOT_INVOKE
     else:
         text = f"{type(exc).__name__}: {exc}"
     with contextlib.suppress(OSError):
@@ -94,6 +126,4 @@ def reported(said: bytes, otherwise: str) -> ContainerError:
     """The error a child process sent with `report` ("CODE TEXT"), or
     `otherwise` when it died without a word."""
     code, _, text = said.decode(errors="replace").strip().partition(" ")
-    error = ContainerError(text or otherwise)
-    error.exit_code = int(code) if code.isdigit() else ContainerError.exit_code
-    return error
+    return _error(int(code) if code.isdigit() else ContainerError.exit_code, text or otherwise)

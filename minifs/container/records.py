@@ -93,9 +93,12 @@ class Container:
         return self.dir / "rootfs"
 
     def save(self) -> None:
+        """Replace the record in one rename, so a reader sees the old or the new
+        one whole. The temporary file is this process's own: a monitor and
+        the reclaims of concurrent commands may save the same record at once."""
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / "container.json"
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f"container.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(vars(self), indent=1))
         os.replace(tmp, path)
 
