@@ -1,0 +1,123 @@
+"""The zfs-fuse daemon: one per machine, started by minifs only when none answers.
+
+zfs-fuse is ZFS in a userspace daemon; the `zfs`/`zpool` commands talk to it
+over a fixed socket, so there is at most one per machine. A daemon that minifs
+did not start is used as it is and never stopped. One minifs starts is
+recorded in the starting home's resources (pid and start time) and stopped by
+its `minifs down`, but only once no pool at all is imported in it any more:
+other homes (or other people) may have imported theirs meanwhile.
+
+The daemon mounts each dataset itself, as a FUSE mount in its own mount
+namespace, so it is started from the minifs process (the host's namespace).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from minifs import linux
+from minifs.resources import Resources
+
+SOCKET = "/var/run/zfs/zfs_socket"
+"""Where zfs-fuse listens; fixed in its source, not configurable."""
+
+LOCK = "/run/lock/minifs-zfs-fuse.lock"
+"""Held while one minifs checks for, starts or stops the daemon, machine-wide:
+two homes finding it dead at once must not both start one."""
+
+KEY = "zfs-fuse"
+
+ARGV = (
+    "zfs-fuse",
+    "--no-daemon",  # stays our child's pid, so the record names the daemon itself
+    "--no-kstat-mount",  # no /zfs-kstat mount left on the host
+    "--enable-xattr",  # off by default; containers need xattrs (capabilities, ACLs)
+    "--fuse-mount-options",
+    "default_permissions",  # the kernel checks modes, so caching attributes is safe
+    "--fuse-attr-timeout",
+    "3600",
+    "--fuse-entry-timeout",
+    "3600",
+)
+"""Explicit, so /etc/zfs/zfsrc (read by the daemon too) cannot turn xattrs off."""
+
+START_TIMEOUT = 10.0
+"""Seconds a fresh daemon gets to answer on its socket (it takes ~10 ms here)."""
+
+STOP_GRACE = 0.3
+"""zfs-fuse takes 3-4 s to exit on SIGTERM even when idle; it is only stopped
+once no pool is imported in it, when there is nothing left to lose, so it gets
+this long before SIGKILL."""
+
+
+def answering() -> bool:
+    """True when a daemon accepts connections on the socket (a stale socket
+    file left by a killed daemon refuses them)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(SOCKET)
+        except OSError:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def machine_lock() -> Iterator[None]:
+    path = Path(LOCK)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def ensure(resources: Resources, log: Path) -> bool:
+    """Make sure a daemon answers; start (and record) one if none does.
+    Returns True when this call started it, so pools must be imported anew."""
+    if answering():
+        return False
+    with machine_lock():
+        if answering():
+            return False  # another minifs started one while we waited
+        resources.daemon(
+            KEY,
+            ARGV,
+            ready=answering,
+            timeout=START_TIMEOUT,
+            log=log,
+            idle_probe=("zpool", "list", "-H", "-o", "name"),
+            lock=LOCK,
+            grace=STOP_GRACE,
+        )
+    return True
+
+
+def detach_dead_mounts(pool: str) -> list[str]:
+    """Lazily detach the FUSE mounts of `pool`'s datasets that a dead daemon
+    left behind ("Transport endpoint is not connected"): zfs cannot mount a
+    dataset again over one. Returns the targets detached."""
+    detached = []
+    prefix = f"{pool}/"
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        entries = [line.split(" - ", 1) for line in f]
+    for head, _, tail in ((e[0], None, e[1]) for e in entries if len(e) == 2):
+        fstype, source = tail.split()[:2]
+        if fstype == "fuse.zfs" and (source == pool or source.startswith(prefix)):
+            target = unescape(head.split()[4])
+            with contextlib.suppress(OSError):
+                linux.umount(target, linux.MNT_DETACH)
+                detached.append(target)
+    return detached
+
+
+def unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
