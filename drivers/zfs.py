@@ -232,14 +232,18 @@ class ZfsDriver(Driver):
 
     def stop(self) -> list[str]:
         """Export the pool minifs made and stop a daemon it started; of a pool
-        the user named, only unmount the datasets zfs-fuse mounted for minifs."""
-        if self.options.get("pool") and flavour() == "zfs-fuse":
-            for target, source in _fuse_mounts_under(self.mnt_dir):
-                with contextlib.suppress(ZfsError):
-                    self.zfs.unmount(source)
-                with contextlib.suppress(OSError):
-                    if linux.is_mountpoint(target):
-                        linux.umount(target)
+        the user named, only unmount the datasets zfs-fuse mounted for minifs.
+        Mounts a dead daemon left are detached (nothing else can undo them)."""
+        if flavour() == "zfs-fuse":
+            alive = zfs_fuse.answering()
+            if not alive or self.options.get("pool"):
+                for target, source in _fuse_mounts_under(self.mnt_dir):
+                    if alive:
+                        with contextlib.suppress(ZfsError):
+                            self.zfs.unmount(source)
+                    with contextlib.suppress(OSError):
+                        if linux.is_mountpoint(target):
+                            linux.umount(target, 0 if alive else linux.MNT_DETACH)
         return super().stop()
 
     def sync(self) -> None:

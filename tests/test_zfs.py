@@ -283,6 +283,30 @@ def test_a_user_pool_is_used_as_it_is(open_storage, mount, user_pool):
     assert remaining == [user_pool]
 
 
+def test_a_pool_on_a_block_device(open_storage, mount, tmp_path):
+    """`zfs.device`: how the benchmark hands the driver its disk."""
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(256 * MiB)
+    disk = Resources(tmp_path / "disk-run")
+    device = disk.loop("loop", image)
+    try:
+        storage = open_storage("zfs", device=device)
+        storage.clone("c")
+        write(storage, mount, "c", {"f": os.urandom(4 * MiB)})
+        counter = Path(f"/sys/block/{os.path.basename(device)}/stat")
+        before = int(counter.read_text().split()[6])
+        write(storage, mount, "c", {"g": os.urandom(4 * MiB)})
+        storage.driver.sync()
+        assert (int(counter.read_text().split()[6]) - before) * 512 >= 4 * MiB
+        vdevs = zfs_cmd("zpool", "status", storage.driver.pool)
+        assert str(storage.driver.home / "pool" / "vdev") in vdevs
+        storage.remove("c")
+        storage.down()
+    finally:
+        disk.down()
+
+
 def test_a_missing_pool_or_dataset_is_one_line(cli, root):
     done = cli("--storage-opt", "zfs.pool=nosuchpool/minifs", "clone", "c", "--driver", "zfs")
     refused(done, "nosuchpool/minifs", "zpool import")
