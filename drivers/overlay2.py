@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
-import json
 import os
 import shutil
 import stat
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from minifs import failpoints, linux
 from minifs.driver import Driver, tree_usage
-from minifs.errors import BackendError, InvalidArgument, MinifsError, NotSupported, StateDirError
+from minifs.errors import BackendError, InvalidArgument, MinifsError, NotSupported
 from minifs.hookspecs import hookimpl
 from minifs.layers.safefs import remove_tree
 from minifs.loopdisk import make_image, parse_size
@@ -83,9 +82,9 @@ class Overlay2Driver(Driver):
         "backing": "auto (default), direct, or loop: keep layers on a loop-backed ext4 image",
         "size": f"size of the loop-backed image (default {DEFAULT_IMAGE_SIZE})",
     }
+    option_defaults = {"backing": "auto", "size": DEFAULT_IMAGE_SIZE}
 
     def __init__(self, home: Path, options: Mapping[str, str] | None = None) -> None:
-        super().__init__(home, options)
         # Everything that can be refused is refused here, before the state dir
         # or this home is created.
         if any(c in str(home) for c in ",:"):
@@ -93,11 +92,15 @@ class Overlay2Driver(Driver):
                 f"overlay2 cannot keep layers under {home}: ',' and ':' separate overlay "
                 "mount options; pick a --root without them (or use --driver vfs)"
             )
-        backing = self.options.get("backing", "auto")
-        if backing not in ("auto", "direct", "loop"):
-            raise InvalidArgument(f"overlay2.backing={backing} is not one of auto, direct, loop")
-        if "size" in self.options:
-            _image_size(self.options["size"])
+        super().__init__(home, options)
+
+    def check_options(self, options: Mapping[str, str], settled: bool) -> None:
+        backing = options.get("backing", "auto")
+        allowed = ("direct", "loop") if settled else ("auto", "direct", "loop")
+        if backing not in allowed:
+            raise InvalidArgument(f"overlay2.backing={backing} is not one of {', '.join(allowed)}")
+        if "size" in options:
+            _image_size(options["size"])
 
     @classmethod
     def probe(cls) -> None:
@@ -116,46 +119,12 @@ class Overlay2Driver(Driver):
 
     # -- lifecycle: where the layers live ------------------------------------
 
-    @property
-    def config_path(self) -> Path:
-        return self.home / "config.json"
-
-    def _config(self) -> dict[str, str]:
-        """The backing chosen when this home was made; later options must agree."""
-        backing = self.options.get("backing", "auto")
-        try:
-            config = json.loads(self.config_path.read_text())
-        except FileNotFoundError:
-            if backing == "auto":
-                backing = "direct" if self._upper_works(self.home) else "loop"
-            config = {"backing": backing, "size": self.options.get("size", DEFAULT_IMAGE_SIZE)}
-            tmp = self.config_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(config))
-            os.replace(tmp, self.config_path)
-            return config
-        except ValueError as exc:
-            config = {"unreadable": str(exc)}
-        if not (
-            isinstance(config, dict)
-            and config.get("backing") in ("direct", "loop")
-            and isinstance(config.get("size"), str)
-        ):
-            raise StateDirError(
-                f"{self.config_path} is damaged (it should say which backing this store "
-                'uses, like {"backing": "direct", "size": "10G"}); restore it, or move '
-                f"{self.home} aside to start an empty overlay2 store"
-            )
-        for key, value in self.options.items():
-            if (
-                key in config
-                and config[key] != value
-                and not (key == "backing" and value == "auto")
-            ):
-                raise InvalidArgument(
-                    f"overlay2 in {self.home} was made with {key}={config[key]}; "
-                    f"to use {key}={value}, remove its snapshots and that directory first"
-                )
-        return config
+    def settle_options(self, options: dict[str, str]) -> dict[str, str]:
+        """backing=auto becomes direct where this home's filesystem can hold
+        overlay upper dirs, else loop."""
+        if options["backing"] == "auto":
+            options["backing"] = "direct" if self._upper_works(self.home) else "loop"
+        return options
 
     @staticmethod
     def _upper_works(where: Path) -> bool:
@@ -178,24 +147,20 @@ class Overlay2Driver(Driver):
     def data(self) -> Path:
         return self.home / "data" if self._backing == "loop" else self.home
 
-    def start(self) -> None:
-        super().start()
-        made = not self.config_path.exists()
-        config = self._config()
-        self._backing = config["backing"]
+    def bring_up(self) -> None:
+        self._backing = self.options["backing"]
         if self._backing == "loop":
             image = self.home / "backing.img"
+            size = self.options["size"]
             if not image.exists():
                 try:
-                    make_image(image, _image_size(config["size"]), "ext4")
+                    make_image(image, _image_size(size), "ext4")
                 except (MinifsError, OSError) as exc:
-                    # Not a half-made home: the next start chooses afresh,
-                    # with whatever options it is given then.
-                    if made:
-                        self.config_path.unlink(missing_ok=True)
+                    # A fresh home records no options until this succeeds,
+                    # so the next start chooses afresh.
                     reason = exc.strerror if isinstance(exc, OSError) else exc
                     raise BackendError(
-                        f"cannot make the {config['size']} backing image {image} ({reason}); "
+                        f"cannot make the {size} backing image {image} ({reason}); "
                         "free space there or pick a smaller overlay2.size"
                     ) from None
             device = self.resources.loop("loop", image)

@@ -7,13 +7,15 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
 from minifs import linux, mounter
 from minifs.errors import MinifsError
-from minifs.plugins import registered
+from minifs.plugins import get_driver, registered
+from minifs.state import StateDir
 from minifs.storage import Storage
 from tests import leaks
 
@@ -48,6 +50,33 @@ def driver_params() -> list:
     return params
 
 
+BackendFactory = Callable[[Path], AbstractContextManager[dict[str, str]]]
+"""Makes what one driver's backend needs outside minifs in a scratch dir and
+yields the storage options that use it; undoes that on exit (after the driver
+itself is down). containerd's SnapshotterSuite(t, name, factory) in pytest form."""
+
+BACKENDS: dict[str, BackendFactory] = {}
+
+
+def backend(name: str) -> Callable[[BackendFactory], BackendFactory]:
+    """Register how the tests make driver `name`'s backend; a driver without
+    one runs with no options (its defaults)."""
+
+    def register(factory: BackendFactory) -> BackendFactory:
+        BACKENDS[name] = factory
+        return factory
+
+    return register
+
+
+@backend("btrfs")
+@contextlib.contextmanager
+def btrfs_backend(scratch: Path) -> Iterator[dict[str, str]]:
+    """Its own loop-backed image, sparse, of a size the tests fill at most a
+    few percent of: the driver makes and removes everything itself."""
+    yield {"size": "1G"}
+
+
 @pytest.fixture(scope="session")
 def scope(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.getbasetemp()
@@ -71,22 +100,63 @@ def root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def open_storage(root: Path) -> Iterator[Callable[..., Storage]]:
-    """Open Storage objects on `root`; at teardown unmount, stop and close them."""
+def backend_options(tmp_path: Path) -> Iterator[Callable[[str], dict[str, str]]]:
+    """`backend_options(driver)`: the storage options of `driver`'s test backend,
+    made on first use in this test (see BACKENDS) and undone at teardown."""
+    made: dict[str, dict[str, str]] = {}
+    with contextlib.ExitStack() as undo:
+
+        def options(driver: str) -> dict[str, str]:
+            if driver not in made:
+                scratch = tmp_path / f"backend-{driver}"
+                scratch.mkdir()
+                factory = BACKENDS.get(driver)
+                made[driver] = undo.enter_context(factory(scratch)) if factory else {}
+            return dict(made[driver])
+
+        yield options
+
+
+@pytest.fixture
+def open_storage(
+    root: Path, backend_options: Callable[[str], dict[str, str]]
+) -> Iterator[Callable[..., Storage]]:
+    """Open Storage objects on `root`, with the driver's test backend unless
+    options are given or the driver's home was made already (by the CLI, say:
+    its recorded options then hold); at teardown unmount, stop and close them
+    (before the backend's own teardown, which `backend_options` runs after)."""
     opened: list[Storage] = []
 
     def factory(driver: str, **options: str) -> Storage:
-        storage = Storage(driver, root, options)
+        made = get_driver(driver)(StateDir(root).home(driver)).config_path.exists()
+        storage = Storage(driver, root, options or ({} if made else backend_options(driver)))
         opened.append(storage)
         return storage
 
     yield factory
     for storage in reversed(opened):
-        for target, _ in storage.store.all_mounts():
-            if linux.is_mountpoint(target):
-                linux.umount(target, linux.MNT_DETACH)
-        storage.down()
+        bring_down(storage)
         storage.close()
+
+
+def bring_down(storage: Storage) -> None:
+    """Detach what a test left mounted from `storage`, then stop its backend."""
+    for target, _ in storage.store.all_mounts():
+        if linux.is_mountpoint(target):
+            linux.umount(target, linux.MNT_DETACH)
+    storage.down()
+
+
+def bring_down_all(root: Path) -> None:
+    """Stop every backend that CLI commands brought up in `root` (a loop-backed
+    image, a daemon) and the test left running: the `minifs down` a test
+    would end with. Homes that never started anything are left alone."""
+    drivers = registered()
+    for record in sorted(StateDir(root).drivers_dir.glob("*/run/resources.json")):
+        name = record.parent.parent.name
+        if name in drivers:
+            with Storage(name, root) as storage:
+                bring_down(storage)
 
 
 @pytest.fixture
@@ -110,8 +180,9 @@ def mount(tmp_path: Path) -> Iterator[Callable[[Storage, str], contextlib.Abstra
 
 
 @pytest.fixture
-def cli(root: Path) -> Callable[..., subprocess.CompletedProcess]:
-    """Run the installed `minifs` command against the test's state dir."""
+def cli(root: Path) -> Iterator[Callable[..., subprocess.CompletedProcess]]:
+    """Run the installed `minifs` command against the test's state dir; at
+    teardown, stop the backends those commands brought up there."""
 
     def run(
         *args: str, env: dict[str, str] | None = None, check: bool = False, timeout: float = 120
@@ -129,7 +200,8 @@ def cli(root: Path) -> Callable[..., subprocess.CompletedProcess]:
             raise AssertionError(f"minifs {' '.join(args)} failed: {done.stderr}")
         return done
 
-    return run
+    yield run
+    bring_down_all(root)
 
 
 @pytest.fixture

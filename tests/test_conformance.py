@@ -27,8 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from minifs.errors import AlreadyExists, InUse, NotFound
+from minifs.errors import AlreadyExists, BackendError, InUse, NotFound
 from minifs.model import Kind, State
+from minifs.plugins import get_driver
 from minifs.storage import Storage
 from tests import treeinfo
 from tests.conftest import driver_params
@@ -470,9 +471,9 @@ def test_usage_grows_with_data(storage, mount):
     assert layer.size >= 4 * MiB and layer.inodes >= 66
 
 
-def test_state_survives_reopening(driver, root, mount, open_storage):
+def test_state_survives_reopening(driver, root, mount, open_storage, backend_options):
     # Opened by hand, not by the fixture, so it can really be closed mid-test.
-    first = Storage(driver, root)
+    first = Storage(driver, root, backend_options(driver))
     try:
         commit(first, mount, "L1", change=populate)
         first.set_labels("L1", {"role": "base"})
@@ -498,6 +499,36 @@ def test_state_survives_reopening(driver, root, mount, open_storage):
     restarted.snapshot("c", "L3")
     restarted.clone("c3", "L3")
     assert seen(restarted, mount, "c3")["unsaved"]["size"] == len("still here")
+
+
+def test_options_recorded_at_first_start(driver, root, storage):
+    """The image unpacker, the launcher and gc reopen the store without the
+    options it was made with; the driver must find them recorded."""
+    storage.clone("c")
+    made_with = storage.driver.options
+    assert made_with == json.loads(storage.driver.config_path.read_text())
+    again = Storage(driver, root)
+    try:
+        again.clone("d", labels={"reopened": "yes"})
+        assert again.driver.options == made_with
+        assert {i.name for i in again.list()} == {"c", "d"}
+    finally:
+        again.close()
+
+
+def test_driver_refuses_work_before_start(driver, root, backend_options):
+    """A library user who skips start() gets a one-line error, not a crash on
+    a backend that is not up, and nothing is made."""
+    home = root / "drivers" / driver
+    unstarted = get_driver(driver)(home, backend_options(driver))
+    for attempt in (
+        lambda: unstarted.prepare("0" * 32, []),
+        lambda: unstarted.mounts("0" * 32, Kind.CLONE, []),
+        unstarted.ids,
+    ):
+        with pytest.raises(BackendError, match="not started; call start"):
+            attempt()
+    assert not root.exists()
 
 
 def test_labels_and_filters(storage, mount):
