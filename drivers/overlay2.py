@@ -27,7 +27,7 @@ from minifs import failpoints, linux
 from minifs.driver import Driver, tree_usage
 from minifs.errors import BackendError, InvalidArgument, MinifsError, NotSupported
 from minifs.hookspecs import hookimpl
-from minifs.layers.safefs import remove_tree
+from minifs.layers.safefs import OPAQUE_XATTR, remove_tree
 from minifs.loopdisk import make_image, parse_size
 from minifs.model import DriverKind, Kind, Mount, Usage
 
@@ -194,7 +194,18 @@ class Overlay2Driver(Driver):
             _copy_root_attributes(self.dir(parents[0]) / "diff", root / "diff")
 
     def commit(self, sid: str, parents: Sequence[str]) -> None:
-        """The upper dir becomes a lower dir as it is; overlay needs no conversion."""
+        """The upper dir becomes a lower dir as it is; overlay needs no conversion,
+        except that a layer whose root is opaque stacks on nothing: overlayfs
+        ignores the opaque mark on a layer's root, so the layers it hides must
+        leave its lower list (and its children's, which start from it)."""
+        if self._opaque_root(sid):
+            (self.dir(sid) / "lower").unlink(missing_ok=True)
+
+    def _opaque_root(self, sid: str) -> bool:
+        try:
+            return os.getxattr(self.dir(sid) / "diff", OPAQUE_XATTR) == b"y"
+        except OSError:
+            return False
 
     def remove(self, sid: str) -> None:
         root = self.dir(sid)
@@ -221,15 +232,24 @@ class Overlay2Driver(Driver):
             if not parents:
                 return [Mount("bind", diff, ("rbind", "rw"))]
             work = str(self.dir(sid) / "work")
+            lowerdir = self._lowerdir(sid, with_self=False)
+            if self._opaque_root(sid):
+                # Given an opaque root by a layer apply: it hides every parent.
+                empty = self.data / "empty"
+                empty.mkdir(mode=0o755, exist_ok=True)
+                lowerdir = f"lowerdir={empty}"
             options = (
                 *index,
-                self._lowerdir(sid, with_self=False),
+                lowerdir,
                 f"upperdir={diff}",
                 f"workdir={work}",
             )
             return [Mount("overlay", "overlay", options)]
-        # A layer shows itself over its parents; a view shows only its parents.
+        # A layer shows itself over its parents; a view shows only its parents
+        # (as far down as its lower list goes: see commit).
         lowers = [sid, *parents] if kind is Kind.LAYER else list(parents)
+        if kind is Kind.LAYER and self._opaque_root(sid):
+            lowers = [sid]
         if not lowers:
             return [Mount("bind", str(self.dir(sid) / "diff"), ("rbind", "ro"))]
         if len(lowers) == 1:
@@ -250,6 +270,23 @@ class Overlay2Driver(Driver):
             return set()
         # Snapshot dirs are named by 32-hex ids; l/, run/, data/ and files are not.
         return {n for n in names if len(n) == 32 and (self.data / n).is_dir()}
+
+    def damage(self, sid: str) -> str | None:
+        """Docker's shape, part by part: the directory, its diff, its short name
+        and the `l/` symlink that lower lists reach it by."""
+        root = self.dir(sid)
+        if not root.is_dir():
+            return f"its directory {root} is missing"
+        if not (root / "diff").is_dir():
+            return f"its diff directory {root / 'diff'} is missing"
+        try:
+            link = self._link(sid)
+        except OSError:
+            return f"its link file {root / 'link'} is missing"
+        short = self.data / "l" / link
+        if not short.is_symlink() or os.readlink(short) != f"../{sid}/diff":
+            return f"its short name {short} is missing or points elsewhere"
+        return None
 
 
 @hookimpl

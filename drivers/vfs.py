@@ -3,13 +3,15 @@ driver is measured against (Docker's vfs, containerd's native snapshotter)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from minifs.driver import Driver, tree_usage
-from minifs.errors import MissingPrerequisite, NotSupported
+from minifs.errors import BackendError, MissingPrerequisite, NotSupported
 from minifs.hookspecs import hookimpl
 from minifs.layers.safefs import remove_tree
 from minifs.model import DriverKind, Kind, Mount, Usage
@@ -53,7 +55,20 @@ class VfsDriver(Driver):
         """A vfs layer is its directory as it stands; only the store's kind changes."""
 
     def remove(self, sid: str) -> None:
-        remove_tree(self.path(sid))
+        """Remove the copy, retrying a little while it still grows: a `cp -a` of
+        a command killed a moment ago may not have died yet (it dies with its
+        parent, but the kernel takes the two down one after the other)."""
+        for delay in (0.05, 0.1, 0.2, 0.4, 0.8, None):
+            try:
+                remove_tree(self.path(sid))
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOTEMPTY or delay is None:
+                    raise BackendError(
+                        f"cannot remove {self.path(sid)}: {exc.strerror}; is a process still "
+                        "writing there? stop it, then run 'minifs gc'"
+                    ) from None
+                time.sleep(delay)
 
     def mounts(self, sid: str, kind: Kind, parents: Sequence[str]) -> list[Mount]:
         mode = "rw" if kind is Kind.CLONE else "ro"

@@ -21,17 +21,11 @@ import os
 from pathlib import Path
 
 from minifs.errors import BackendError, InvalidArgument, StateDirError
-from minifs.loopdisk import make_image, parse_size
+from minifs.loopdisk import fitting_size, make_image, parse_size
 from minifs.resources import Resources
 from minifs_drivers.zfs_backend import ZfsBackend, ZfsError, ZfsNoSpace, ZfsNotFound
 
 DEFAULT_SIZE = "10G"
-FIT = 0.9
-"""Share of the free space of the home's filesystem a file vdev may take. The
-vdev is sparse: were it larger than the free space, the pool would outgrow
-its disk, and zfs-fuse meets ENOSPC from its vdev with write errors, data
-errors and writers blocked for good (seen here on a 20 MiB tmpfs), instead
-of a clean ENOSPC in the clone."""
 MIN_VDEV = 64 << 20
 """ZFS refuses a vdev smaller than 64 MiB (SPA_MINDEVSIZE)."""
 MAX_VDEV = (1 << 63) - 1
@@ -76,20 +70,11 @@ def vdev_size(text: str) -> int:
     return size
 
 
-def free_bytes(where: Path) -> int:
-    stats = os.statvfs(where)
-    return stats.f_bavail * stats.f_frsize
-
-
 def auto_size(where: Path) -> str:
-    """The default vdev size: 10G, or what fits on the disk of `where`."""
-    fits = int(free_bytes(where) * FIT) >> 20 << 20
-    size = min(parse_size(DEFAULT_SIZE), fits)
-    if size < MIN_VDEV:
-        raise BackendError(
-            f"a zpool needs at least 64M but {where} has {fits >> 20}M to spare; put the "
-            "state dir on a larger disk, or name an existing pool with zfs.pool"
-        )
+    """The default vdev size: 10G, or what fits on the disk of `where` (see
+    minifs.loopdisk.FIT: zfs-fuse meets a vdev outgrowing its disk with writers
+    blocked for good, seen here on a 20 MiB tmpfs)."""
+    size = fitting_size(where, parse_size(DEFAULT_SIZE), MIN_VDEV, "a zpool")
     return f"{size >> 20}M"
 
 
@@ -181,7 +166,7 @@ class EmbeddedPool:
                 os.symlink(device, self.vdev)
             else:
                 wanted = vdev_size(size)
-                fits = int(free_bytes(self.dir) * FIT)
+                fits = fitting_size(self.dir, wanted, MIN_VDEV, f"zpool {self.name}")
                 if wanted > fits:
                     raise BackendError(
                         f"cannot make zpool {self.name}: zfs.size={size} does not fit in the "

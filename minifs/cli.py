@@ -61,6 +61,7 @@ def cmd_drivers(args: argparse.Namespace) -> int:
                 "backend": cls.backend,
                 "version": version,
                 "max_layers": cls.max_depth,
+                "size_limit": cls.size_limit,
                 "plugin": reg.plugin,
                 "plugin_version": reg.plugin_version,
             }
@@ -98,7 +99,13 @@ def cmd_clone(args: argparse.Namespace) -> int:
             from minifs.images import resolve_layer
 
             parent = resolve_layer(storage, parent)  # a layer, or an image unpacked here
-        info = storage.clone(args.name, parent, pairs(args.label, "--label"))
+        size = None
+        if args.size is not None:
+            from minifs.loopdisk import parse_size
+
+            size = parse_size(args.size)
+            storage.check_size(size)  # before an image is unpacked for nothing
+        info = storage.clone(args.name, parent, pairs(args.label, "--label"), size)
         _print_info(args, info)
     return 0
 
@@ -130,10 +137,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         from minifs.plugins import get_driver
 
         get_driver(args.driver)
-    state = StateDir(args.root)
     infos = []
-    if state.db_path.exists():
-        store = Store(state.db_path)
+    store = Store.existing(StateDir(args.root))
+    if store is not None:
         infos = [i for i in store.list(args.driver) if matches(i, filters)]
         store.close()
     emit(
@@ -167,8 +173,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         info = _stat_either(storage, args.name)
         data = info.to_dict()
         data["mounts"] = [m.to_dict() for m in storage.mounts(args.name)]
-        data["mounted_at"] = storage.store.mounts_of(info.id)
-        data["depth"] = len(storage.store.chain(info.parent_id))
+        data["mounted_at"] = storage.mounted_at(info)
+        data["depth"] = len(storage.chain(info))
     emit(args, data, lambda: print(json.dumps(data, indent=2)))
     return 0
 
@@ -230,11 +236,10 @@ def cmd_umount(args: argparse.Namespace) -> int:
     from minifs.state import StateDir
     from minifs.store import Store
 
-    state = StateDir(args.root)
     target = os.path.realpath(args.dir)
     driver = args.driver
-    if state.db_path.exists():
-        store = Store(state.db_path)
+    store = Store.existing(StateDir(args.root))
+    if store is not None:
         sid = store.mount_at(target)
         info = store.get_id(sid) if sid else None
         store.close()
@@ -253,9 +258,16 @@ def _each_driver(
     Without --driver, one driver that cannot open here (uninstalled plugin,
     missing kernel feature) is reported and skipped so the others still run,
     and so is one whose action fails (a damaged home): then the status says so.
+    A store that cannot be used stops everything: no driver can be judged
+    without it.
     """
+    from minifs.errors import StateDirError
     from minifs.state import StateDir
+    from minifs.store import Store
 
+    store = Store.existing(StateDir(args.root))  # a lost or damaged store: one error
+    if store is not None:
+        store.close()
     if args.driver:
         with open_storage(args, args.driver) as storage:
             return {storage.name: action(storage)}, 0
@@ -267,8 +279,11 @@ def _each_driver(
     for name in names:
         try:
             storage = open_storage(args, name)
+        except StateDirError:
+            raise
         except MinifsError as exc:
             print(f"minifs: warning: skipped {name}: {shown(str(exc))}", file=sys.stderr)
+            status = 1  # its data went unchecked: not a clean run
             continue
         with storage:
             try:
@@ -281,18 +296,23 @@ def _each_driver(
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from minifs.container.lifecycle import reclaim
+    from minifs.state import StateDir
+    from minifs.store import Store
 
+    store = Store.existing(StateDir(args.root))  # refuse a lost store before anything
+    if store is not None:
+        store.close()
     if not args.dry_run:  # containers whose monitor died first: they hold clones
         for line in reclaim(args.root):
             print(line, file=sys.stderr)
     from minifs.layers.scratch import sweep
-    from minifs.state import StateDir
 
     # Spools, staging and mount points of crashed imports/applies, before the
     # drivers' gc removes clones one of them may still have mounted.
     for line in sweep(StateDir(args.root).root, args.dry_run):
         print(line, file=sys.stderr)
-    reports, status = _each_driver(args, lambda storage: storage.gc(args.dry_run).to_dict())
+    found, status = _each_driver(args, lambda storage: storage.gc(args.dry_run))
+    reports = {driver: report.to_dict() for driver, report in found.items()}
 
     def human() -> None:
         prefix = "would " if args.dry_run else ""
@@ -304,11 +324,46 @@ def cmd_gc(args: argparse.Namespace) -> int:
             ]
             for action in actions:
                 print(f"{driver}: {prefix}{action}")
-            if not actions:
+            for problem in [*report["damaged"], *report["partial"]]:
+                print(f"{driver}: cannot fix: {problem}")
+            if not actions and not report["damaged"] and not report["partial"]:
                 print(f"{driver}: consistent, nothing to do")
 
     emit(args, reports, human)
-    return status
+    # What gc cannot fix leaves the store inconsistent: say so in the status.
+    return status or (1 if any(r.unresolved for r in found.values()) else 0)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    if args.rebuild:
+        from minifs.rebuild import rebuild
+
+        report = rebuild(args.root)
+
+        def said() -> None:
+            if report.moved_aside:
+                print(f"the old store is kept as {report.moved_aside}")
+            for driver, count in sorted(report.restored.items()):
+                print(f"{driver}: restored {count} snapshot(s)")
+            print(f"images: restored {report.images} name(s)")
+            for skipped in report.skipped:
+                print(f"skipped: {skipped}")
+            print("now run 'minifs check' and 'minifs gc --dry-run' to see the rest")
+
+        emit(args, report.to_dict(), said)
+        return 0
+    found, status = _each_driver(args, lambda storage: storage.check_snapshots())
+    reports = {driver: report.to_dict() for driver, report in found.items()}
+
+    def human() -> None:
+        for driver, report in found.items():
+            for problem in report.problems:
+                print(f"{driver}: {problem}")
+            if not report.problems:
+                print(f"{driver}: consistent")
+
+    emit(args, reports, human)
+    return status or (1 if any(r.problems for r in found.values()) else 0)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -500,6 +555,12 @@ def build_parser(command_word: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--from", dest="parent", metavar="LAYER|IMAGE", help="layer or image to clone")
     p.add_argument("--label", action="append", metavar="KEY=VALUE")
+    p.add_argument(
+        "--size",
+        metavar="SIZE",
+        help="cap what the clone may hold, e.g. 100M (zfs refquota, btrfs qgroup; "
+        "refused by drivers that cannot)",
+    )
 
     p = command("view", cmd_view, "create a read-only view of a layer", json_flag=True)
     p.add_argument("name")
@@ -561,6 +622,22 @@ def build_parser(command_word: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--driver", "-d", default=None, help="only this driver (default: all)")
     p.add_argument("--dry-run", action="store_true", help="say what would change")
+
+    p = command(
+        "check",
+        cmd_check,
+        "check (read-only) that every snapshot has its backend object and every object "
+        "its snapshot; exit 1 if not",
+        driver=False,
+        json_flag=True,
+    )
+    p.add_argument("--driver", "-d", default=None, help="only this driver (default: all)")
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="rebuild a lost or damaged metadata store from the drivers' own records "
+        "(the old one is kept aside)",
+    )
 
     p = command(
         "down",
@@ -658,7 +735,7 @@ def _os_error(exc: OSError) -> str:
         errno.ENAMETOOLONG: "use a shorter path",
     }
     what = exc.strerror or str(exc)
-    where = f"{exc.filename}: " if exc.filename else ""
+    where = f"{os.fsdecode(exc.filename)}: " if exc.filename else ""
     hint = hints.get(exc.errno or 0)
     return f"{where}{what}" + (f"; {hint}" if hint else "")
 

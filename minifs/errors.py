@@ -47,3 +47,7 @@ class StateDirError(MinifsError):
 
 class BackendError(MinifsError):
     """A backend command or syscall failed; the message carries its own words."""
+
+
+class Damaged(MinifsError):
+    """A snapshot's backend object is missing or broken (changed behind minifs's back)."""

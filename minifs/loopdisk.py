@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from minifs.errors import InvalidArgument
+from minifs.errors import BackendError, InvalidArgument
 from minifs.resources import run
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -30,6 +30,28 @@ def parse_size(text: str) -> int:
     if not match:
         raise InvalidArgument(f"bad size {text!r}; write it like 512M or 10G")
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+FIT = 0.9
+"""Share of the free space of a disk that a sparse image on it may be given.
+A sparse image larger than the free space outgrows its disk: the filesystem
+inside then meets ENOSPC from its block device (write errors, data lost at
+writeback, zfs-fuse writers blocked for good) instead of a clean ENOSPC of
+its own."""
+
+
+def fitting_size(where: Path, wanted: int, minimum: int, what: str) -> int:
+    """`wanted` bytes, or less where the disk holding `where` has less to spare;
+    refused in one line below `minimum` (what the backend needs to exist)."""
+    st = os.statvfs(where)
+    fits = int(st.f_bavail * st.f_frsize * FIT) >> 20 << 20
+    size = min(wanted, fits)
+    if size < minimum:
+        raise BackendError(
+            f"{what} needs at least {minimum >> 20}M but {where} has {fits >> 20}M to "
+            "spare; put the state dir on a larger disk"
+        )
+    return size
 
 
 def make_image(path: Path, size: int, fstype: str | None = "ext4") -> None:

@@ -21,12 +21,16 @@ class Kind(enum.StrEnum):
 
 
 class State(enum.StrEnum):
-    """Where a row is in its life; anything but READY is a crash to recover."""
+    """Where a row is in its life. CREATING, COMMITTING, REMOVING and APPLYING
+    are operations under way (after a crash: to recover); PARTIAL is a clone
+    whose layer apply was cut short, kept for the user to finish or remove."""
 
     CREATING = "creating"
     READY = "ready"
     COMMITTING = "committing"
     REMOVING = "removing"
+    APPLYING = "applying"
+    PARTIAL = "partial"
 
 
 class DriverKind(enum.StrEnum):
@@ -86,6 +90,9 @@ class Info:
     created: float = 0.0
     updated: float = 0.0
     state: State = State.READY
+    pending: str | None = None
+    """The layer name a COMMITTING row becomes; the diff_id an APPLYING or
+    PARTIAL clone was being given."""
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -99,4 +106,5 @@ class Info:
             "created": self.created,
             "updated": self.updated,
             "state": self.state.value,
+            **({"pending": self.pending} if self.pending else {}),
         }

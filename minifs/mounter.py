@@ -12,9 +12,10 @@ its own `lowerdir+` parameter, which reaches the kernel's 500-layer stack limit.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from minifs import linux
@@ -148,3 +149,30 @@ def unmount(target: str | Path) -> None:
                 f"{target} is busy; stop the processes using it, then run umount again"
             ) from None
         raise BackendError(f"cannot unmount {target}: {exc.strerror}") from None
+
+
+def unmount_all(records: Sequence[Mount], target: str | Path) -> None:
+    """Undo `mount_all(records, target)`: the last record first."""
+    for record in reversed(records):
+        unmount(Path(target) / record.target)
+
+
+@contextlib.contextmanager
+def mounted(records: Sequence[Mount], target: str | Path) -> Iterator[Path]:
+    """`records` mounted on the existing directory `target` for one block.
+
+    When the block fails (Ctrl-C included) a file it left open may keep the
+    mount busy; it is then detached lazily so the original error, not a
+    "busy", is what the user sees, and the mount goes once the file closes.
+    The one temporary-mount helper of minifs, the bench and the tests.
+    """
+    where = Path(target)
+    mount_all(records, where)
+    try:
+        yield where
+    except BaseException:
+        for record in reversed(records):
+            with contextlib.suppress(OSError):
+                linux.umount(where / record.target, linux.MNT_DETACH)
+        raise
+    unmount_all(records, where)

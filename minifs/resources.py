@@ -44,15 +44,33 @@ OWNER_ENV = "MINIFS_OWNER"
 
 
 def run(argv: Sequence[str], what: str) -> str:
-    """Run a backend command; its own error text becomes a one-line BackendError."""
+    """Run a backend command; its own error text becomes a one-line BackendError.
+
+    The command dies with minifs (PR_SET_PDEATHSIG): a SIGKILLed `minifs clone`
+    must not leave `cp -a` writing into a directory that the next `gc` removes.
+    """
+    parent = os.getpid()
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            check=False,
+            preexec_fn=lambda: _die_with(parent),
+        )
     except FileNotFoundError:
         raise BackendError(f"{what}: {argv[0]} is not installed; run 'make setup'") from None
     if done.returncode != 0:
         detail = (done.stderr or done.stdout).strip().splitlines()
         raise BackendError(f"{what}: {detail[-1] if detail else f'exit {done.returncode}'}")
     return done.stdout
+
+
+def _die_with(parent: int) -> None:
+    """In a helper before exec: die when `parent` does, even if it already has."""
+    linux.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(137)
 
 
 def process_start_time(pid: int) -> int | None:

@@ -27,6 +27,7 @@ LAYOUT = {
     "tmp": (stat.S_ISDIR, "directory"),
     "content": (stat.S_ISDIR, "directory"),
     "containers": (stat.S_ISDIR, "directory"),
+    "reserve": (stat.S_ISREG, "file"),
 }
 """What minifs keeps at the top of a state dir, and what each must be."""
 

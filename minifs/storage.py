@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,15 +25,18 @@ from minifs import failpoints, linux, mounter
 from minifs.driver import Driver
 from minifs.errors import (
     AlreadyExists,
+    BackendError,
+    Damaged,
     InUse,
     InvalidArgument,
     NotFound,
+    NotSupported,
     TooManyLayers,
 )
 from minifs.model import Info, Kind, Mount, State, Usage
 from minifs.plugins import get_driver
 from minifs.state import StateDir
-from minifs.store import Store
+from minifs.store import Store, keep_reserve
 
 TRANSIENT_LABEL = "minifs.transient"
 """A clone made and consumed inside one locked operation (e.g. unpacking an
@@ -102,18 +105,75 @@ def matches(info: Info, filters: Mapping[str, str]) -> bool:
 
 @dataclass
 class GcReport:
-    """What `gc` did (or, with --dry-run, would do)."""
+    """What `gc` did (or, with --dry-run, would do), and what it cannot fix:
+    damaged snapshots and partly applied clones wait for the user."""
 
     recovered: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
     stale_mounts: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
+    partial: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, list[str]]:
         return {
             "recovered": self.recovered,
             "orphans": self.orphans,
             "stale_mounts": self.stale_mounts,
+            "damaged": self.damaged,
+            "partial": self.partial,
         }
+
+    @property
+    def unresolved(self) -> bool:
+        return bool(self.damaged or self.partial)
+
+
+def partial_advice(info: Info) -> str:
+    return (
+        f"clone {info.name} is partly applied (applying layer {info.pending} was cut "
+        f"short); apply that layer again to finish it, or remove it ('minifs rm {info.name}')"
+    )
+
+
+@dataclass
+class CheckReport:
+    """What `minifs check` finds on one driver; empty lists mean consistent."""
+
+    damaged: list[str] = field(default_factory=list)
+    """What is wrong with each damaged snapshot, and what stands on it."""
+    partial: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    unfinished: list[str] = field(default_factory=list)
+    stale_mounts: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {
+            "damaged": self.damaged,
+            "partial": self.partial,
+            "orphans": self.orphans,
+            "unfinished": self.unfinished,
+            "stale_mounts": self.stale_mounts,
+        }
+
+    @property
+    def problems(self) -> list[str]:
+        return [
+            *self.damaged,
+            *self.partial,
+            *(f"backend object {o} has no row (gc removes it)" for o in self.orphans),
+            *(f"{u} (gc finishes or undoes it)" for u in self.unfinished),
+            *(f"stale mount record {m} (gc forgets it)" for m in self.stale_mounts),
+        ]
+
+
+def _descendants(info: Info, by_parent: Mapping[str, list[Info]]) -> list[str]:
+    """Names of every snapshot stacked on `info`, nearest first."""
+    found, queue = [], list(by_parent.get(info.id, []))
+    while queue:
+        child = queue.pop(0)
+        found.append(child.name)
+        queue.extend(by_parent.get(child.id, []))
+    return found
 
 
 class Storage:
@@ -131,7 +191,7 @@ class Storage:
         # The driver checks its options before anything is created on disk.
         self.driver: Driver = cls(self.state.home(driver), options)
         self.state.ensure()
-        self.store = Store(self.state.db_path)
+        self.store = Store(self.state)
         self._started = False
 
     @property
@@ -153,6 +213,8 @@ class Storage:
         with self.state.locked():
             if not self._started:
                 self.driver.start()
+                self.store.claim(self.name)
+                keep_reserve(self.state)
                 self._started = True
                 if recover:
                     self.recover()
@@ -192,17 +254,40 @@ class Storage:
     # -- changes -----------------------------------------------------------
 
     def clone(
-        self, name: str, parent: str | None = None, labels: Mapping[str, str] | None = None
+        self,
+        name: str,
+        parent: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        size: int | None = None,
     ) -> Info:
-        """A writable clone of layer `parent` (empty without one)."""
-        return self._create(name, parent, Kind.CLONE, labels)
+        """A writable clone of layer `parent` (empty without one), capped at
+        `size` bytes when given (drivers with a `size_limit` only)."""
+        if size is not None:
+            self.check_size(size)
+        return self._create(name, parent, Kind.CLONE, labels, size)
+
+    def check_size(self, size: int) -> None:
+        """Refuse a size cap this driver cannot keep, rather than ignore it."""
+        if self.driver.size_limit is None:
+            raise NotSupported(
+                f"--size: the {self.name} driver cannot cap one clone's size "
+                f"({self.driver.size_refusal}); drop --size, or use a driver that can "
+                "('minifs drivers --json' shows size_limit)"
+            )
+        if size <= 0:
+            raise InvalidArgument(f"--size {size} is not a size; give one like 100M or 10G")
 
     def view(self, name: str, parent: str | None, labels: Mapping[str, str] | None = None) -> Info:
         """A read-only view of layer `parent`."""
         return self._create(name, parent, Kind.VIEW, labels)
 
     def _create(
-        self, name: str, parent: str | None, kind: Kind, labels: Mapping[str, str] | None
+        self,
+        name: str,
+        parent: str | None,
+        kind: Kind,
+        labels: Mapping[str, str] | None,
+        size: int | None = None,
     ) -> Info:
         check_labels(labels or {})
         with self.changing():
@@ -219,10 +304,13 @@ class Storage:
             )
             failpoints.hit(f"{kind.value}:after-intent")
             try:
-                if kind is Kind.VIEW:
-                    self.driver.view(sid, chain)
-                else:
-                    self.driver.prepare(sid, chain)
+                with self._diagnosed(chain):
+                    if kind is Kind.VIEW:
+                        self.driver.view(sid, chain)
+                    elif size is not None:
+                        self.driver.prepare(sid, chain, size=size)
+                    else:
+                        self.driver.prepare(sid, chain)
                 failpoints.hit(f"{kind.value}:after-driver")
             except BaseException:
                 self.driver.remove(sid)
@@ -247,6 +335,12 @@ class Storage:
             if info.kind is not Kind.CLONE:
                 raise InvalidArgument(
                     f"{clone} is a {info.kind.value}; only clones can be snapshot"
+                )
+            if info.state is not State.READY:
+                raise InUse(
+                    partial_advice(info)
+                    if info.state is State.PARTIAL
+                    else f"{clone} is {info.state.value}; run 'minifs gc' first"
                 )
             self._free(layer)
             self._refuse_if_mounted(info, "snapshot")
@@ -291,20 +385,86 @@ class Storage:
             self.store.set_labels(info.id, {k: v for k, v in merged.items() if v != ""})
             return self.stat(name)
 
-    def _refuse_if_mounted(self, info: Info, action: str) -> None:
-        live = [t for t in self.store.mounts_of(info.id) if linux.is_mountpoint(t)]
+    def mounted_at(self, info: Info) -> list[str]:
+        """Where `info` is mounted now (records whose mount is gone are left out)."""
+        return [t for t in self.store.mounts_of(info.id) if linux.is_mountpoint(t)]
+
+    def _refuse_if_mounted(self, info: Info, action: str, twice: bool = False) -> None:
+        live = self.mounted_at(info)
         if live:
+            what = f"{info.name} again" if twice else info.name
             raise InUse(
-                f"cannot {action} {info.name}: it is mounted at {live[0]}; "
+                f"cannot {action} {what}: it is mounted at {live[0]}; "
                 f"run 'minifs umount {live[0]}' first"
             )
+
+    @contextmanager
+    def applying(self, name: str) -> Iterator[tuple[Info, Callable[[str], None]]]:
+        """Hold clone `name` for a layer apply: yields it and `start(diff_id)`,
+        which the apply calls just before it changes the clone. From then until
+        the block ends the row says APPLYING, so a crash is known afterwards
+        (recovery marks the clone PARTIAL, `snapshot` refuses it, `ls` shows
+        it); a failure part-way marks it PARTIAL at once. Applying the same
+        layer again finishes a PARTIAL clone."""
+        with self.changing():
+            info = self.stat(name)
+            if info.kind is not Kind.CLONE:
+                raise InvalidArgument(
+                    f"{name} is a {info.kind.value}; layers can only be applied to a clone"
+                )
+            self._refuse_if_mounted(info, "apply a layer to")
+            started: list[str] = []
+
+            def start(diff_id: str) -> None:
+                if info.state is State.PARTIAL and info.pending != diff_id:
+                    raise InUse(partial_advice(info))
+                self.store.set_state(info.id, State.APPLYING, pending_name=diff_id)
+                started.append(diff_id)
+                failpoints.hit("apply:after-intent")
+
+            try:
+                yield info, start
+            except BaseException:
+                if started:
+                    self.store.set_state(info.id, State.PARTIAL, pending_name=started[0])
+                raise
+            if started:
+                self.store.set_state(info.id, State.READY)
 
     # -- mounting ----------------------------------------------------------
 
     def mounts(self, name: str) -> list[Mount]:
         info = self.stat(name)
         with self.changing():
-            return self.driver.mounts(info.id, info.kind, self.store.chain(info.parent_id))
+            return self.records(info)
+
+    def records(self, info: Info) -> list[Mount]:
+        """`info`'s mount records; a failure on a damaged chain names the layer."""
+        chain = self.store.chain(info.parent_id)
+        with self._diagnosed([info.id, *chain]):
+            return self.driver.mounts(info.id, info.kind, chain)
+
+    @contextmanager
+    def _diagnosed(self, ids: Sequence[str]) -> Iterator[None]:
+        """Turn a backend failure on a chain with a damaged snapshot in it into
+        one line naming that snapshot, instead of a raw 'No such file'."""
+        try:
+            yield
+        except (OSError, BackendError) as exc:
+            for sid in ids:
+                why = self.driver.damage(sid)
+                if why is not None:
+                    raise self._damaged(sid, why) from None
+            raise exc
+
+    def _damaged(self, sid: str, why: str) -> Damaged:
+        info = self.store.get_id(sid)
+        name = info.name if info else sid
+        kind = info.kind.value if info else "snapshot"
+        return Damaged(
+            f"{kind} {name} on {self.name} is damaged ({why}); 'minifs check' lists what "
+            f"depends on it: remove those and it with 'minifs rm', then make it again"
+        )
 
     def _check_mount_point(self, target: str | os.PathLike[str]) -> Path:
         """An empty directory that is no mount point and that neither holds nor
@@ -338,10 +498,15 @@ class Storage:
         where = self._check_mount_point(target)
         with self.changing():
             info = self.stat(name)
-            records = self.driver.mounts(info.id, info.kind, self.store.chain(info.parent_id))
+            if info.kind is Kind.CLONE:
+                # Two overlay mounts on one upper dir are undefined behaviour in
+                # the kernel, and two writers of one tree lose each other's work.
+                self._refuse_if_mounted(info, "mount", twice=True)
+            records = self.records(info)
             self.store.add_mount(str(where), info.id)
             try:
-                mounter.mount_all(records, where)
+                with self._diagnosed([info.id, *self.store.chain(info.parent_id)]):
+                    mounter.mount_all(records, where)
             except BaseException:
                 self.store.remove_mount(str(where))
                 raise
@@ -364,6 +529,34 @@ class Storage:
         with self.changing():
             return self.driver.usage(info.id)
 
+    # -- what other modules read -------------------------------------------
+
+    def find(self, name: str) -> Info | None:
+        return self.store.get(self.name, name)
+
+    def name_taken(self, name: str) -> bool:
+        """Whether `name` is a snapshot's, or promised to one being committed."""
+        return self.store.name_taken(self.name, name)
+
+    def get_id(self, sid: str) -> Info | None:
+        return self.store.get_id(sid)
+
+    def children(self, info: Info) -> list[Info]:
+        return self.store.children(info.id)
+
+    def chain(self, info: Info) -> list[str]:
+        """`info`'s parents' ids, nearest first."""
+        return self.store.chain(info.parent_id)
+
+    def diff_dirs(self, info: Info) -> tuple[Path | None, list[Path]]:
+        """`info`'s overlay diff dir and its parents' (see Driver.diff_dir), or
+        (None, []) for a driver that holds full trees."""
+        own = self.driver.diff_dir(info.id)
+        if own is None:
+            return None, []
+        lowers = [self.driver.diff_dir(p) for p in self.chain(info)]
+        return own, [p for p in lowers if p is not None]
+
     # -- recovery ----------------------------------------------------------
 
     def recover(self, dry_run: bool = False) -> list[str]:
@@ -374,12 +567,17 @@ class Storage:
             if not dry_run:
                 self.driver.remove(info.id)
                 self.store.delete(info.id)
-        for info, pending in self.store.unfinished(self.name):
-            if info.state is State.COMMITTING and pending:
-                done.append(f"finish snapshot of {info.name} as layer {pending}")
+        for info in self.store.unfinished(self.name):
+            if info.state is State.COMMITTING and info.pending:
+                done.append(f"finish snapshot of {info.name} as layer {info.pending}")
                 if not dry_run:
                     self.driver.commit(info.id, self.store.chain(info.parent_id))
-                    self.store.finish_commit(info.id, pending, info.labels)
+                    self.store.finish_commit(info.id, info.pending, info.labels)
+            elif info.state is State.APPLYING:
+                # The clone holds the user's own changes too: never rolled back.
+                done.append(f"mark clone {info.name} partly applied ({info.pending})")
+                if not dry_run:
+                    self.store.set_state(info.id, State.PARTIAL, pending_name=info.pending)
             else:
                 verb = "finish removing" if info.state is State.REMOVING else "roll back"
                 done.append(f"{verb} {info.kind.value} {info.name} ({info.state.value})")
@@ -399,10 +597,59 @@ class Storage:
                     if not dry_run:
                         self.store.remove_mount(target)
             known = self.store.ids(self.name)
-            for sid in sorted(self.driver.ids() - known):
+            present = self.driver.ids()
+            if not self.store.owns(self.name):
+                raise Damaged(
+                    f"{self.state.home(self.name)} does not carry this store's id; gc will "
+                    "not remove anything from it: run 'minifs check'"
+                )
+            for sid in sorted(present - known):
                 report.orphans.append(sid)
                 if not dry_run:
                     self.driver.remove(sid)
+                    self.store.drop_record(self.name, sid)
+            if not dry_run:
+                for sid in self.store.record_ids(self.name) - known - present:
+                    self.store.drop_record(self.name, sid)
+            found = self.check_snapshots(present)
+            report.damaged = found.damaged
+            report.partial = found.partial
+        return report
+
+    def check_snapshots(self, present: set[str] | None = None) -> CheckReport:
+        """Read-only: every row has a whole backend object, and which rows
+        wait for the user (partly applied clones)."""
+        report = CheckReport()
+        with self.changing(recover=False):
+            present = self.driver.ids() if present is None else present
+            rows = self.store.list(self.name)
+            by_parent: dict[str, list[Info]] = {}
+            for info in rows:
+                if info.parent_id:
+                    by_parent.setdefault(info.parent_id, []).append(info)
+            for info in rows:
+                if info.state is State.PARTIAL:
+                    report.partial.append(partial_advice(info))
+                if info.state is not State.READY and info.state is not State.PARTIAL:
+                    continue  # recovery's business, and half-made by definition
+                why = self.driver.damage(info.id)
+                if why is None and info.id not in present:
+                    why = "its backend object is missing"
+                if why is None:
+                    continue
+                users = _descendants(info, by_parent)
+                needed = f"; needed by {', '.join(users[:8])}" if users else ""
+                report.damaged.append(f"{info.kind.value} {info.name} is damaged: {why}{needed}")
+            report.orphans = sorted(present - {i.id for i in rows})
+            report.unfinished = [
+                f"{i.kind.value} {i.name} is {i.state.value}"
+                for i in self.store.unfinished(self.name)
+            ]
+            report.stale_mounts = [
+                t for t, sid in self.store.all_mounts()
+                if (i := self.store.get_id(sid)) and i.driver == self.name
+                and not linux.is_mountpoint(t)
+            ]  # fmt: skip
         return report
 
     def down(self) -> list[str]:

@@ -82,6 +82,33 @@ def scope(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.getbasetemp()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def zfs_fuse_daemon(scope: Path) -> Iterator[None]:
+    """One zfs-fuse daemon for the whole session, started before the first
+    test, so zfs tests share it instead of each starting and stopping one
+    (3-4 s a stop); taken down once at the end. Where zfs is not in the
+    session, or a daemon already answers (or kernel ZFS), nothing is started."""
+    from minifs.resources import Resources
+
+    resources = Resources(scope / "zfs-session" / "run")
+    if "zfs" in registered() and _runs_here("zfs"):
+        from minifs_drivers import zfs, zfs_fuse
+
+        if zfs.flavour() == "zfs-fuse":
+            zfs_fuse.ensure(resources, resources.run_dir / "zfs-fuse.log")
+    yield
+    resources.down()
+
+
+def _runs_here(driver: str) -> bool:
+    try:
+        registered()[driver].driver.probe()
+    except MinifsError:
+        return False
+    wanted = os.environ.get("MINIFS_TEST_DRIVERS")
+    return not wanted or driver in wanted.split(",")
+
+
 @pytest.fixture(autouse=True)
 def leak_check(scope: Path) -> Iterator[None]:
     before = leaks.snapshot(scope)

@@ -660,7 +660,7 @@ def test_concurrent_processes(driver, storage, mount, root, tmp_path):
             assert (path / "who").read_text() == f"2-{k}"
             assert (path / "base").read_text() == "base"
     report = storage.gc(dry_run=True)
-    assert report.to_dict() == {"recovered": [], "orphans": [], "stale_mounts": []}
+    assert not any(report.to_dict().values()), report
 
 
 def test_deep_chain(storage, mount):

@@ -58,6 +58,10 @@ def crash_cases() -> list:
     return cases
 
 
+CLEAN = {"recovered": [], "orphans": [], "stale_mounts": [], "damaged": [], "partial": []}
+"""What `gc` reports for a consistent store."""
+
+
 def rows(root: Path) -> list[tuple]:
     """Every snapshot row as the database holds it, read behind minifs's back."""
     db = sqlite3.connect(root / "metadata.db")
@@ -152,7 +156,7 @@ def test_sigkill_then_gc(driver, point, open_storage, mount, cli, root):
 
     done = gc(cli)[driver]
     assert done["recovered"] == planned["recovered"]
-    assert gc(cli) == {driver: {"recovered": [], "orphans": [], "stale_mounts": []}}
+    assert gc(cli) == {driver: CLEAN}
 
     after = assert_consistent(driver, root, mount)
     names = {i.name: i for i in after.list()}
@@ -175,7 +179,7 @@ def test_sigkill_then_gc(driver, point, open_storage, mount, cli, root):
 
     cli(*reuse, check=True)
     cli("clone", "again", "--from", "base", check=True)
-    assert gc(cli)[driver] == {"recovered": [], "orphans": [], "stale_mounts": []}
+    assert gc(cli)[driver] == CLEAN
 
 
 @pytest.mark.parametrize("driver", driver_params())
@@ -220,13 +224,13 @@ def test_gc_sweeps_orphans_and_stale_mounts(driver, open_storage, mount, cli, ro
     linux.umount(target)  # behind minifs's back: its mount record is now stale
 
     planned = gc(cli, "--dry-run")[driver]
-    assert planned == {"recovered": [], "orphans": [made["id"]], "stale_mounts": [str(target)]}
+    assert planned == {**CLEAN, "orphans": [made["id"]], "stale_mounts": [str(target)]}
     storage = Storage(driver, root)
     with storage.changing(recover=False):
         assert made["id"] in storage.driver.ids()
     storage.close()
 
     assert gc(cli)[driver] == planned
-    assert gc(cli)[driver] == {"recovered": [], "orphans": [], "stale_mounts": []}
+    assert gc(cli)[driver] == CLEAN
     assert_consistent(driver, root, mount).close()
     cli("clone", "lost", "--from", "base", check=True)

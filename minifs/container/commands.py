@@ -159,7 +159,7 @@ def add_container_parser(sub: argparse._SubParsersAction, default_driver: str) -
         "kept until the bridge goes with its last container)",
     )
     p.add_argument(
-        "--size", metavar="SIZE", help="cap the clone's size (no minifs driver can: refused)"
+        "--size", metavar="SIZE", help="cap the clone's size (zfs, btrfs; refused elsewhere)"
     )
     p.add_argument("-e", "--env", action="append", metavar="KEY=VALUE")
     p.add_argument("-w", "--workdir", metavar="DIR", help="working directory inside")

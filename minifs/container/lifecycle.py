@@ -16,7 +16,7 @@ from minifs.container import ContainerError, records
 from minifs.container.cgroups import Cgroup
 from minifs.container.process import DEFAULT_PATH
 from minifs.container.records import Container
-from minifs.container.spec import Spec
+from minifs.container.spec import Spec, check_size
 from minifs.container.trace import Trace
 from minifs.errors import NotFound
 from minifs.resources import process_start_time
@@ -131,7 +131,7 @@ def clone(storage: Storage, spec: Spec, container: Container, trace: Trace) -> N
                     f"container name {name!r} is in use by {taken.id[:12]}; pick another name "
                     f"or remove it with 'minifs rm {name}'"
                 )
-            if storage.store.name_taken(storage.name, name):
+            if storage.name_taken(name):
                 raise ContainerError(
                     f"name {name!r} is taken by a snapshot on {storage.name}; pick another name"
                 )
@@ -143,7 +143,8 @@ def clone(storage: Storage, spec: Spec, container: Container, trace: Trace) -> N
         container.clone = container.name
         container.save()
         with trace.step("clone") as said:
-            storage.clone(container.name, layer, {CONTAINER_LABEL: container.id})
+            size = check_size(spec.size, storage.name) if spec.size is not None else None
+            storage.clone(container.name, layer, {CONTAINER_LABEL: container.id}, size)
             said.append(f"{storage.name}: clone {layer[:19]} {container.name}")
 
 

@@ -44,20 +44,27 @@ def parse_memory(text: str) -> int:
     return size
 
 
-def check_size(text: str, driver: str) -> None:
+def check_size(text: str, driver: str) -> int:
     """`--size`: docker caps a container's writable layer only where its storage
     driver can enforce a quota on one clone (overlay2 on xfs mounted with
-    pquota, btrfs, zfs). No minifs driver can: overlay2's upper dirs and vfs's
-    copies are plain directories sharing the state dir's filesystem. So a valid
-    size is refused with what it would take, rather than silently not enforced."""
+    pquota, btrfs, zfs). A driver without a `size_limit` (overlay2's upper dirs
+    and vfs's copies are plain directories on the state dir's filesystem) gets a
+    valid size refused with what it would take, rather than silently ignored."""
     try:
-        parse_size(text)
+        size = parse_size(text)
     except InvalidArgument:
         raise ContainerError(f"--size {text!r} is not a size; write it like 10G") from None
-    raise ContainerError(
-        f"--size: the {driver} driver cannot cap one clone's size (it needs a per-clone "
-        "quota, as docker has with overlay2 on xfs with pquota, btrfs or zfs); drop --size"
-    )
+    if size <= 0:
+        raise ContainerError(f"--size {text!r} is not a size; write it like 10G")
+    from minifs.plugins import get_driver
+
+    cls = get_driver(driver)
+    if cls.size_limit is None:
+        raise ContainerError(
+            f"--size: the {driver} driver cannot cap one clone's size ({cls.size_refusal}); "
+            "drop --size or pick a driver that can ('minifs drivers --json': size_limit)"
+        )
+    return size
 
 
 class Limits(NamedTuple):

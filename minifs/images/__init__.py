@@ -25,7 +25,7 @@ def resolve_layer(storage: Storage, ref: str) -> str:
     from minifs.model import Kind
 
     with storage.changing():
-        info = storage.store.get(storage.name, ref)
+        info = storage.find(ref)
         if info is not None and info.kind is Kind.LAYER:
             return ref
         catalog = Catalog.of(storage)

@@ -40,7 +40,7 @@ class Catalog:
     def open(cls, root: str | os.PathLike[str] | None) -> Catalog:
         state = StateDir(root)
         state.ensure()
-        return cls(state, Store(state.db_path), owned=True)
+        return cls(state, Store(state), owned=True)
 
     @classmethod
     def of(cls, storage: Storage) -> Catalog:
@@ -88,11 +88,7 @@ class Catalog:
         """Drivers holding the image's whole stack."""
         if image.top is None:
             return []
-        rows = self.store.db.execute(
-            "SELECT driver FROM snapshots WHERE name = ? AND kind = 'layer' ORDER BY driver",
-            (image.top,),
-        )
-        return [r[0] for r in rows]
+        return self.store.drivers_of([image.top], Kind.LAYER)
 
     # -- adding ------------------------------------------------------------------------
 
@@ -150,7 +146,7 @@ class Catalog:
         """A snapshot not made by unpacking that sits on the image's top layer."""
         if image.top is None:
             return None
-        for driver in {row[0] for row in self.store.db.execute("SELECT driver FROM snapshots")}:
+        for driver in self.store.drivers_of():
             top = self.store.get(driver, image.top)
             stack = [top.id] if top else []
             while stack:
@@ -207,12 +203,7 @@ def remove_image(root: str | os.PathLike[str] | None, ref: str) -> RemoveReport:
     with Catalog.open(root) as catalog:
         report = catalog.untag_or_claim(ref)
         if report.layers:
-            marks = ",".join("?" * len(report.layers))
-            rows = catalog.store.db.execute(
-                f"SELECT DISTINCT driver FROM snapshots WHERE name IN ({marks})", report.layers
-            )
-            drivers = {row[0] for row in rows}
-            for driver in sorted(drivers):
+            for driver in catalog.store.drivers_of(report.layers):
                 try:
                     storage = Storage(driver, catalog.state.root)
                 except MinifsError:
@@ -228,12 +219,12 @@ def _remove_layers(storage: Storage, chain_ids: list[str]) -> list[str]:
     removed = []
     with storage.changing():
         for chain_id in chain_ids:
-            info = storage.store.get(storage.name, chain_id)
+            info = storage.find(chain_id)
             if info is None:
                 continue
             if info.kind is not Kind.LAYER or LAYER_LABEL not in info.labels:
                 break
-            if storage.store.children(info.id):
+            if storage.children(info):
                 break
             storage.remove(chain_id)
             removed.append(chain_id)
@@ -251,7 +242,7 @@ def unpack(storage: Storage, catalog: Catalog, image: Image, allow_devices: bool
     with storage.changing():
         parent: str | None = None
         for layer in image.layers:
-            info = storage.store.get(storage.name, layer.chain_id)
+            info = storage.find(layer.chain_id)
             if info is not None:
                 if info.kind is not Kind.LAYER:
                     raise InvalidArgument(

@@ -39,7 +39,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -50,7 +50,7 @@ from minifs.layers import safefs
 from minifs.layers.compression import open_tar
 from minifs.layers.filedata import Positional, Sequential, Spool
 from minifs.layers.plan import Plan, Record
-from minifs.layers.safefs import Parts, Root
+from minifs.layers.safefs import OPAQUE_XATTR, Parts, Root
 from minifs.layers.scratch import make_file
 from minifs.layers.seen import Seen
 from minifs.layers.tarformat import (
@@ -69,7 +69,6 @@ from minifs.layers.tarformat import (
 
 WHITEOUT = b".wh."
 OPAQUE = b".wh..wh..opq"
-OPAQUE_XATTR = "trusted.overlay.opaque"
 ALLOWED_XATTRS = ("user.", "security.", "system.posix_acl_access", "system.posix_acl_default")
 """xattrs a layer may set. `trusted.*` is refused: `trusted.overlay.*` would let a
 layer steer overlayfs (opaque, redirect, metacopy) and nothing in an image
@@ -635,8 +634,13 @@ def apply_layer(
     allow_devices: bool = True,
     limit: int | None = None,
     spool_dir: str | os.PathLike[str] | None = None,
+    before_writing: Callable[[LayerStats], None] | None = None,
 ) -> LayerStats:
     """Apply a layer tar (plain, gzip or zstd) to the tree at `root`.
+
+    `before_writing(stats)` runs between the passes, once the layer is accepted
+    and its diff_id known, before anything under `root` changes: the caller
+    records there that the target is about to change (see Storage.applying).
 
     With `overlay`, `root` is an overlayfs upper dir over `lowers` (nearest
     first) and whiteouts are written in overlayfs's form. A refused layer
@@ -656,6 +660,8 @@ def apply_layer(
         plan = Plan(where)
         spool = Spool(where)  # written to only if the layer is gzip'd
         stats, compressed = _validate(src, expected_diff_id, allow_devices, cap, plan, spool)
+        if before_writing is not None:
+            before_writing(stats)
         writer = _Writer(Path(root), overlay, [Path(p) for p in lowers])
         try:
             for parent, name in stats.whiteouts:
@@ -683,6 +689,6 @@ def _step(func, parts: Parts, *args: object) -> None:  # type: ignore[no-untyped
     except OSError as exc:
         what = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
         raise BackendError(
-            f"cannot apply entry {show(b'/'.join(parts))}: {what}; the target is partly "
-            "changed, remove it and apply again"
+            f"cannot apply entry {show(b'/'.join(parts))}: {what}; the target is left partly "
+            "applied: fix that, then apply the same layer again (or remove the target)"
         ) from None

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from minifs import linux, mounter
-from minifs.errors import InUse, InvalidArgument
+from minifs import mounter
+from minifs.errors import InvalidArgument
 from minifs.layers import scratch
 from minifs.layers.apply import LayerStats, apply_layer
 from minifs.layers.diff import DiffStats, write_diff
@@ -34,32 +34,14 @@ def scratch_dir(storage: Storage) -> Path:
 @contextlib.contextmanager
 def mounted(storage: Storage, info: Info) -> Iterator[Path]:
     """`info` mounted by its own records in a private directory, for this block only."""
-    records = storage.driver.mounts(info.id, info.kind, storage.store.chain(info.parent_id))
+    records = storage.records(info)
     where = scratch.make_dir(scratch_dir(storage), "mnt")
     try:
-        mounter.mount_all(records, where)
-        try:
+        with mounter.mounted(records, where):
             yield where
-        except BaseException:
-            # A Ctrl-C may land while a descriptor under `where` is still open:
-            # detach lazily so the error path never fails on EBUSY.
-            for _ in records:
-                linux.umount(where, linux.MNT_DETACH)
-            raise
-        for _ in records:
-            mounter.unmount(where)
     finally:
         with contextlib.suppress(OSError):
             where.rmdir()
-
-
-def _refuse_mounted(storage: Storage, info: Info) -> None:
-    live = [t for t in storage.store.mounts_of(info.id) if linux.is_mountpoint(t)]
-    if live:
-        raise InUse(
-            f"{info.name} is mounted at {live[0]}; run 'minifs umount {live[0]}' "
-            "before applying a layer to it"
-        )
 
 
 def apply_to(
@@ -71,30 +53,19 @@ def apply_to(
     allow_devices: bool = True,
     limit: int | None = None,
 ) -> LayerStats:
-    """Apply a layer tar to clone `name`; a refused layer leaves it untouched."""
-    with storage.changing():
-        info = storage.stat(name)
-        if info.kind is not Kind.CLONE:
-            raise InvalidArgument(
-                f"{name} is a {info.kind.value}; layers can only be applied to a clone"
-            )
-        _refuse_mounted(storage, info)
+    """Apply a layer tar to clone `name`; a refused layer leaves it untouched,
+    and one cut short (a crash, a full disk) leaves it marked partly applied."""
+    with storage.applying(name) as (info, start):
         options = {
             "expected_diff_id": expected_diff_id,
             "allow_devices": allow_devices,
             "limit": limit,
             "spool_dir": scratch_dir(storage),
+            "before_writing": lambda stats: start(stats.diff_id),
         }
-        diff = storage.driver.diff_dir(info.id)
+        diff, lowers = storage.diff_dirs(info)
         if diff is not None:
-            lowers = [storage.driver.diff_dir(p) for p in storage.store.chain(info.parent_id)]
-            return apply_layer(
-                source,
-                diff,
-                overlay=True,
-                lowers=[p for p in lowers if p is not None],
-                **options,  # type: ignore[arg-type]
-            )
+            return apply_layer(source, diff, overlay=True, lowers=lowers, **options)  # type: ignore[arg-type]
         with mounted(storage, info) as root:
             return apply_layer(source, root, **options)  # type: ignore[arg-type]
 
@@ -105,10 +76,10 @@ def diff_of(storage: Storage, name: str, out: BinaryIO) -> DiffStats:
         info = storage.stat(name)
         if info.kind is Kind.VIEW:
             raise InvalidArgument(f"{name} is a view; it changes nothing, so it has no diff")
-        diff = storage.driver.diff_dir(info.id)
+        diff, _ = storage.diff_dirs(info)
         if diff is not None:
             return write_diff(out, diff, overlay=True)
-        parent = storage.store.get_id(info.parent_id) if info.parent_id else None
+        parent = storage.get_id(info.parent_id) if info.parent_id else None
         with contextlib.ExitStack() as stack:
             new_root = stack.enter_context(mounted(storage, info))
             old_root = stack.enter_context(mounted(storage, parent)) if parent else None
