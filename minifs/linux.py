@@ -27,6 +27,7 @@ MS_NOATIME = 0x400
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
 MS_RELATIME = 1 << 21
 
 MNT_DETACH = 0x2
@@ -106,6 +107,43 @@ def move_mount(mount_fd: int, target: str | Path) -> None:
         _SYS_MOVE_MOUNT, mount_fd, b"", AT_FDCWD, _b(target), MOVE_MOUNT_F_EMPTY_PATH
     )
     _check(ret, f"move_mount to {target}")
+
+
+# -- extended attributes --------------------------------------------------------------
+
+_libc.lgetxattr.restype = ctypes.c_ssize_t
+_libc.lgetxattr.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+_libc.fgetxattr.restype = ctypes.c_ssize_t
+_libc.fgetxattr.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+
+XattrTarget = bytes | str | os.PathLike[str] | int
+"""A descriptor, or a path whose last component is not followed (lgetxattr)."""
+
+
+def _getxattr(target: XattrTarget, key: str, buf: ctypes.Array | None, size: int) -> int:
+    if isinstance(target, int):
+        ret = _libc.fgetxattr(target, os.fsencode(key), buf, size)
+    else:
+        ret = _libc.lgetxattr(os.fsencode(target), os.fsencode(key), buf, size)
+    if ret < 0:  # the message is made only then: this runs for every xattr of a layer
+        where = f"descriptor {target}" if isinstance(target, int) else os.fsdecode(target)
+        _check(ret, f"getxattr {key} of {where}")
+    return ret
+
+
+def xattr_size(target: XattrTarget, key: str) -> int:
+    """getxattr(2) with size 0: how many bytes the value of `key` has now
+    (os.getxattr cannot ask this; it guesses a buffer size)."""
+    return _getxattr(target, key, None, 0)
+
+
+def getxattr(target: XattrTarget, key: str, size: int) -> bytes:
+    """One getxattr(2) into a buffer of `size` bytes: the value, or OSError
+    ERANGE if it is longer (on a filesystem that says so: see
+    safefs.getxattr)."""
+    buf = ctypes.create_string_buffer(size)
+    got = _getxattr(target, key, buf, size)  # before buf.raw, which copies
+    return buf.raw[:got]
 
 
 def is_mountpoint(path: str | Path) -> bool:

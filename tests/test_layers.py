@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from minifs.layers import safefs
 from minifs.layers.apply import OPAQUE_XATTR, apply_layer
 from minifs.layers.snapshots import apply_to, diff_of
 from tests import treeinfo
@@ -208,6 +209,42 @@ def test_diff_round_trips(driver, open_storage, mount):
         )
         == []
     )
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_large_xattrs_survive_diff_and_apply(driver, open_storage, mount):
+    """A 2000-byte xattr goes into the diff whole, a change to it after byte 128
+    is seen, and apply writes it back whole. zfs-fuse 0.7 answers a read with
+    a buffer shorter than the value with 8 bytes of junk and success (not
+    ERANGE), and os.getxattr's first buffer is 128 bytes: values are read
+    size-first (safefs.getxattr). The layer is checked as raw bytes, so not
+    only by the code under test."""
+    first = random.Random(2000).randbytes(2000)
+    second = first[:1999] + bytes([first[1999] ^ 0xFF])  # the same but the last byte
+    storage = open_storage(driver)
+    storage.clone("work")
+    with mount(storage, "work") as path:
+        (path / "f").write_bytes(b"data\n")
+        os.setxattr(path / "f", "user.big", first)
+    storage.snapshot("work", "base")
+    storage.clone("next", "base")
+    with mount(storage, "next") as path:
+        os.setxattr(path / "f", "user.big", second)
+    diffs = {}
+    for name in ("base", "next"):
+        out = io.BytesIO()
+        diff_of(storage, name, out)
+        diffs[name] = out.getvalue()
+    whole = {"base": first in diffs["base"], "next": second in diffs["next"]}
+    assert whole == {"base": True, "next": True}, "a layer lacks its whole xattr value"
+    storage.clone("copy")
+    apply_to(storage, "copy", io.BytesIO(diffs["base"]))
+    storage.snapshot("copy", "copy-base")
+    storage.clone("copy-next", "copy-base")
+    apply_to(storage, "copy-next", io.BytesIO(diffs["next"]))
+    for name, value in (("copy-base", first), ("copy-next", second)):
+        with mount(storage, name) as path:
+            assert safefs.getxattr(path / "f", "user.big") == value, name
 
 
 def test_diffs_agree_across_drivers(open_storage, mount):

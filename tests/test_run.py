@@ -170,6 +170,50 @@ def test_isolation_on_every_driver(driver: str, minifs: Run, state: Path, tmp_pa
     no_containers_left(minifs, state)
 
 
+def host_mounts() -> list[tuple[str, str]]:
+    """(source, target) of every mount in the test's (the host's) namespace."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        fields = [line.split(" - ", 1) for line in f]
+    return [(after.split()[1], before.split()[4]) for before, after in fields]
+
+
+@pytest.mark.parametrize("driver", driver_params())
+def test_container_mounts_never_reach_the_host(
+    driver: str, env: dict[str, str], state: Path
+) -> None:
+    """The container's copy of the mount table is a slave (so a clone the
+    backend mounts after unshare still arrives), never a peer: neither what
+    the launcher mounts (clone, /proc, /dev) nor a tmpfs the command mounts
+    itself shows up on the host while the container runs."""
+    script = (
+        'trap "exit 0" TERM; mkdir -p /probe && mount -t tmpfs mfs-inside /probe && '
+        "grep -c mfs-inside /proc/self/mountinfo && echo ready || exit 3; "
+        "while :; do sleep 0.05; done"
+    )
+    proc = subprocess.Popen(
+        [MINIFS, "run", "--rm", "--driver", driver, "busybox", "sh", "-c", script],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        seen = [proc.stdout.readline().strip(), proc.stdout.readline().strip()]
+        if seen != ["1", "ready"]:  # it ended: say how
+            pytest.fail(f"{seen}, exit {proc.wait(timeout=20)}: {proc.stderr.read()}")
+        containers = f"{state / 'containers'}/"
+        leaked = [(source, target) for source, target in host_mounts()
+                  if source == "mfs-inside" or target.startswith(containers)]  # fmt: skip
+        assert leaked == []
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=20)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert code == 0
+
+
 def test_trace_names_the_seed_steps(minifs: Run) -> None:
     done = minifs("run", "--rm", "--trace", "busybox", "true")
     assert done.returncode == 0, done.stderr

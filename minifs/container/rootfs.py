@@ -39,10 +39,19 @@ _NOSUID_NODEV_NOEXEC = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
 
 
 def make_private() -> str:
-    """Stop our mounts from propagating to the host (and the host's to us):
-    pivot_root also refuses a shared new root."""
-    linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
-    return "mount --make-rprivate /"
+    """Stop our mounts from propagating to the host: every mount of our copy
+    becomes a slave (pivot_root refuses a shared root or parent, not a slave).
+
+    A slave, not private: PID 1 makes this copy right after unshare, while the
+    monitor is still cloning, and some backends mount the clone only then, in
+    the host's namespace (zfs-fuse's daemon, under a shared `<home>/mnt`). A
+    slave still receives that mount; a private copy would never see it. Events
+    only ever flow host-to-us: nothing mounted in here reaches the host. After
+    `drop_old_root` the only host mounts that could still arrive are ones made
+    inside the clone's own directory (our root is a bind of it, so a slave of
+    it too). runc's default rootfs propagation is rslave for the same reason."""
+    linux.mount("none", "/", None, linux.MS_REC | linux.MS_SLAVE)
+    return "mount --make-rslave /"
 
 
 def mount_clone(records: Sequence[Mount], rootfs: Path) -> str:

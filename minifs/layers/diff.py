@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from minifs import linux
 from minifs.errors import BackendError
 from minifs.layers import safefs
 from minifs.layers.apply import OPAQUE, OPAQUE_XATTR, PATH_MAX, WHITEOUT
@@ -238,7 +239,7 @@ def _overlay_dir(fd: int, rel: bytes) -> bool:
     """Whether an overlay upper directory is opaque; refuse forms a layer cannot carry."""
     for key in _UNSUPPORTED_OVERLAY:
         try:
-            os.getxattr(fd, key)
+            linux.xattr_size(fd, key)  # only whether it is there
         except OSError:
             continue
         raise BackendError(
@@ -246,7 +247,7 @@ def _overlay_dir(fd: int, rel: bytes) -> bool:
             "mount without redirect_dir/metacopy"
         )
     try:
-        return os.getxattr(fd, OPAQUE_XATTR) == b"y"
+        return safefs.getxattr(fd, OPAQUE_XATTR) == b"y"
     except OSError:
         return False
 

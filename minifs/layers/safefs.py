@@ -14,6 +14,8 @@ import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 
+from minifs import linux
+
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 Parts = tuple[bytes, ...]
@@ -47,7 +49,37 @@ def listdir_fd(fd: int) -> list[bytes]:
         os.close(dup)
 
 
+_XATTR_TRIES = 4
+
+
+def getxattr(target: linux.XattrTarget, key: str) -> bytes:
+    """The value of xattr `key` of `target` (a descriptor, or a path whose last
+    component is not followed), read as getfattr(1) reads it: its size
+    first, then exactly that many bytes. Every xattr value minifs puts in or
+    compares for a layer is read here.
+
+    Not os.getxattr, which tries a 128-byte buffer and counts on ERANGE when
+    the value is longer: zfs-fuse 0.7 answers a short buffer with 8 bytes of
+    junk and success, so every value over 128 bytes (an ACL, a security
+    label, a user's own) would go into a layer wrong, silently. This costs
+    one more syscall per xattr on every filesystem. ERANGE on the read means
+    the value grew since its size was asked: ask again."""
+    for _ in range(_XATTR_TRIES):
+        size = linux.xattr_size(target, key)
+        if size == 0:
+            return b""
+        try:
+            return linux.getxattr(target, key, size)
+        except OSError as exc:
+            if exc.errno != errno.ERANGE:
+                raise
+    raise OSError(errno.ERANGE, f"xattr {key} keeps changing size while it is read")
+
+
 def xattrs_at(dir_fd: int, name: bytes, skip: Callable[[str], bool]) -> dict[str, bytes]:
+    """The xattrs of `name` in `dir_fd` (not followed), but those `skip`
+    names; {} where the filesystem has none. A key removed between listing
+    and reading is left out."""
     path = proc_path(dir_fd, name)
     try:
         names = os.listxattr(path, follow_symlinks=False)
@@ -59,7 +91,7 @@ def xattrs_at(dir_fd: int, name: bytes, skip: Callable[[str], bool]) -> dict[str
     for key in sorted(names):
         if not skip(key):
             try:
-                values[key] = os.getxattr(path, key, follow_symlinks=False)
+                values[key] = getxattr(path, key)
             except OSError as exc:
                 if exc.errno != errno.ENODATA:
                     raise
