@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minifs_bench.content import check, check_bytes, pattern
+from minifs_bench.probes import inodes_taken
 from minifs_bench.session import IMAGE, Session
 from minifs_bench.stats import summarize
 
@@ -32,11 +33,19 @@ RANDOM_WRITES = 256
 RANDOM_BLOCK = 4 * KiB
 SMALL_FILES = 1000
 SMALL_FILE_SIZE = 1 * KiB
+IDLE_READINGS = 5
+"""Fewest idle readings the baseline is the median of (more with --runs)."""
 DATA = "data"
 
 DEFINITIONS = {
     "amplification": "bytes the bench disk's block device received (its kernel write counter, "
-    "after syncfs) / bytes the workload wrote",
+    "after the driver's flush: syncfs; zfs: a forced commit) / bytes the workload wrote",
+    "idle flush": "what one reading costs with no work at all: the bytes the flush at its end "
+    "writes by itself (0 on ext4 and btrfs; a zpool's forced commit writes a transaction "
+    "group: uberblocks, space maps, the MOS), median of the idle readings taken in the same "
+    "run before the workloads",
+    "net": "device bytes minus the idle flush: what the work added to the one flush every "
+    "reading ends with (amplification net likewise); raw and net are both in the JSON",
     "sequential": f"a new {SEQUENTIAL_BYTES // MiB} MiB file written sequentially in "
     f"{CHUNK // MiB} MiB chunks, in a clone of the image",
     "update-4b": "4 bytes written in the middle of a file that lives in the layer under the "
@@ -47,7 +56,7 @@ DEFINITIONS = {
     "image",
     "clone": "the one-off cost of making and mounting the clone: device bytes, and inodes and "
     "bytes taken on the bench disk",
-    "seconds": "time from the start of the work until all of it is on the device (one syncfs)",
+    "seconds": "time from the start of the work until all of it is on the device (one flush)",
 }
 
 
@@ -111,6 +120,9 @@ def run(session: Session, record: dict) -> None:
     session.progress.step(f"{session.driver}: layers holding files of 4 KiB … 64 MiB")
     for size in UPDATE_SIZES:
         session.make_layer(_layer(size), None, _file_writer(size))
+    idle = [session.meter().idle() for _ in range(max(IDLE_READINGS, session.runs))]
+    record["idle_flush"] = {"samples": idle, "summary": summarize(idle)}
+    baseline = record["idle_flush"]["summary"]["median"]
     session.progress.advance()
     for w in workloads():
         session.progress.step(f"{session.driver}: write amplification, {w.name} {w.file_size}")
@@ -127,20 +139,29 @@ def run(session: Session, record: dict) -> None:
             session.progress.advance()
         if w.touched:
             _check_layer_unchanged(session, w)
-        device = [s["device_bytes"] for s in entry["samples"]]
-        entry["summary"] = {
-            "device_bytes": summarize(device),
-            "amplification": summarize([d / w.logical_bytes for d in device]),
-            **{
-                key: summarize([s[key] for s in entry["samples"]])
-                for key in ("clone_device_bytes", "clone_inodes", "clone_bytes", "seconds")
-            },
-        }
+        for sample in entry["samples"]:
+            sample["device_bytes_net"] = sample["device_bytes"] - baseline
+            sample["clone_device_bytes_net"] = sample["clone_device_bytes"] - baseline
+        entry["summary"] = _summaries(entry["samples"], w.logical_bytes)
+
+
+def _summaries(samples: list[dict], logical_bytes: int) -> dict:
+    """Every sampled quantity summarized, amplification raw and net; a count
+    the driver does not keep (inodes on btrfs and zfs) is None, not a number."""
+    summary = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        summary[key] = None if None in values else summarize(values)
+    for suffix in ("", "_net"):
+        summary["amplification" + suffix] = summarize(
+            [s["device_bytes" + suffix] / logical_bytes for s in samples]
+        )
+    return summary
 
 
 def _sample(
     session: Session, layer: str, work: Callable[[Path], None], verify: Callable[[Path], None]
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """One fresh clone of `layer`: what making and mounting it cost, then what
     the work cost, then its effect read back after a remount."""
     clone = session.name("amp")
@@ -163,7 +184,7 @@ def _sample(
         "device_bytes": device,
         "seconds": seconds,
         "clone_device_bytes": clone_device,
-        "clone_inodes": after.inodes_used - before.inodes_used,
+        "clone_inodes": inodes_taken(before, after),
         "clone_bytes": after.bytes_used - before.bytes_used,
     }
 

@@ -111,7 +111,7 @@ def _through_minifs(session: Session, depth: int, samples: dict[str, list[float]
     mount_ms = create_ms - clone_ms - records_ms
     _check_mounted(session, target, "through minifs", depth)
     start = time.perf_counter_ns()
-    session.unmount(records, target)
+    mounter.unmount_all(records, target)
     umount_ms = elapsed_ms(start)
     session.storage.remove(name)
     delete_ms = elapsed_ms(start)
@@ -141,7 +141,7 @@ def _through_driver(session: Session, depth: int, samples: dict[str, list[float]
     create_ms = elapsed_ms(start)
     _check_mounted(session, target, "by the driver", depth)
     start = time.perf_counter_ns()
-    session.unmount(records, target)
+    mounter.unmount_all(records, target)
     driver.remove(sid)
     delete_ms = elapsed_ms(start)
     target.rmdir()

@@ -2,8 +2,8 @@
 through the empty layers stacked above it, and a name that is in no layer.
 
 Three cache states, because they tell different stories:
-cold   page cache, dentries and inodes dropped: every layer's directory is read
-       from the bench disk;
+cold   page cache, dentries and inodes dropped, and what the driver caches
+       itself (zfs's ARC): every layer's directory is read from the bench disk;
 first  a fresh mount with the bench disk's caches warm: the union filesystem
        walks its layers again, the disk does not;
 warm   the same lookup repeated: what a long-running container sees.
@@ -28,7 +28,9 @@ DEFINITIONS = {
     "stat": "stat() of a file that lives in the bottom layer (µs)",
     "read": f"open()+read() of all {TARGET_SIZE} bytes of that file (µs)",
     "miss": "stat() of a name that exists in no layer: every layer is searched (µs)",
-    "cold": "after syncfs, an ext4 journal checkpoint and drop_caches=3 (page cache, "
+    "cold": "the clone unmounted while the driver drops its own caches (zfs: pool exported "
+    "and imported, which empties its ARC), mounted again, then the driver's flush (syncfs; "
+    "zfs: a forced commit), an ext4 journal checkpoint and drop_caches=3 (page cache, "
     "dentries, inodes); the bytes each read from the bench disk are kept, and one that read "
     "nothing is counted as not cold",
     "first": "on a freshly made mount, the bench disk's caches warm",
@@ -100,7 +102,7 @@ def run(session: Session, depths: list[int], record: dict) -> None:
             for n in range(session.runs):
                 names = list(ops)[n % 3 :] + list(ops)[: n % 3]
                 for name in names:
-                    session.drop_caches()
+                    session.make_cold(target)
                     before = session.device.bytes_read()
                     samples[f"{name}_cold"].append(_timed(ops[name]))
                     reads[name].append(session.device.bytes_read() - before)

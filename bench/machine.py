@@ -100,6 +100,7 @@ def driver_info(name: str) -> dict[str, object]:
         "version": cls.version(),
         "max_depth": cls.max_depth,
         "disk_filesystem": cls.disk_filesystem,
+        "min_disk_size": cls.min_disk_size,
         "plugin": reg.plugin,
         "plugin_version": reg.plugin_version,
     }

@@ -2,8 +2,9 @@
 statvfs inode and block counts, and the caches it drops for cold measurements.
 
 Write amplification is counted where it cannot be faked: the sectors the bench
-disk's block device actually received (/sys/block/<dev>/stat), after syncfs has
-pushed everything the workload dirtied down to it. The same counters show
+disk's block device actually received (/sys/block/<dev>/stat), after the
+driver's flush (syncfs, or a zpool's forced commit) has pushed everything the
+workload dirtied down to it. The same counters show
 whether a "cold" lookup really went to the device.
 """
 
@@ -51,18 +52,21 @@ class DeviceCounter:
 class WriteMeter:
     """Bytes a device received between `start` and `stop`.
 
-    The filesystem `fs` is syncfs'd at both ends: before, so earlier dirt is not
-    billed to the work; after, so all of the work's dirt (data, journal, and the
-    metadata written home) has reached the device.
+    `flush` (the driver's: syncfs of its filesystem, a forced commit of a
+    zpool) runs at both ends: before, so earlier dirt is not billed to the
+    work; after, so all of the work's dirt (data, journal, and the metadata
+    written home) has reached the device. Whatever a flush writes by itself
+    with nothing dirty (a zpool's forced commit does) is in every reading;
+    `idle` measures it, so it can be reported and taken off.
     """
 
-    def __init__(self, counter: DeviceCounter, fs: Path) -> None:
+    def __init__(self, counter: DeviceCounter, flush: Callable[[], None]) -> None:
         self.counter = counter
-        self.fs = fs
+        self.flush = flush
         self._start = 0
 
     def _synced(self) -> int:
-        linux.syncfs(self.fs)
+        self.flush()
         return self.counter.bytes_written()
 
     def start(self) -> None:
@@ -76,26 +80,40 @@ class WriteMeter:
         work()
         return self.stop()
 
+    def idle(self) -> int:
+        """What one reading costs with no work at all: the flush's own writes."""
+        return self.measure(lambda: None)
+
 
 @dataclass(frozen=True)
 class FsCounts:
-    """One statvfs reading of a filesystem."""
+    """One reading of the space where a driver keeps its data. Inode counts are
+    None where there is no fixed number of them (btrfs, zfs)."""
 
-    inodes_total: int
-    inodes_free: int
+    inodes_total: int | None
+    inodes_free: int | None
     bytes_total: int
     bytes_free: int
 
     @property
-    def inodes_used(self) -> int:
+    def inodes_used(self) -> int | None:
+        if self.inodes_total is None or self.inodes_free is None:
+            return None
         return self.inodes_total - self.inodes_free
 
     @property
     def bytes_used(self) -> int:
         return self.bytes_total - self.bytes_free
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | None]:
         return asdict(self)
+
+
+def inodes_taken(before: FsCounts, after: FsCounts) -> int | None:
+    """Inodes used between two readings, None when they are not counted."""
+    if before.inodes_used is None or after.inodes_used is None:
+        return None
+    return after.inodes_used - before.inodes_used
 
 
 def fs_counts(path: Path) -> FsCounts:
@@ -109,7 +127,7 @@ def fs_counts(path: Path) -> FsCounts:
     )
 
 
-def drop_caches(fs: Path, fstype: str | None) -> None:
+def drop_caches(fs: Path | None, fstype: str | None) -> None:
     """Drop the page cache, dentries and inodes machine-wide (the only way the
     kernel offers), so the next lookup on `fs` must read from its device.
 
@@ -117,11 +135,13 @@ def drop_caches(fs: Path, fstype: str | None) -> None:
     that is not enough: metadata blocks of recent transactions stay pinned in
     memory by the journal's checkpoint lists until the journal is checkpointed,
     and a "cold" lookup of a freshly made tree would read nothing at all. So
-    the journal is checkpointed too (EXT4_IOC_CHECKPOINT, Linux 5.13+).
+    the journal is checkpointed too (EXT4_IOC_CHECKPOINT, Linux 5.13+). With no
+    filesystem (a driver on the raw device) the caller has flushed the driver.
     """
-    linux.syncfs(fs)
-    if fstype == "ext4":
-        _checkpoint_journal(fs)
+    if fs is not None:
+        linux.syncfs(fs)
+        if fstype == "ext4":
+            _checkpoint_journal(fs)
     with open("/proc/sys/vm/drop_caches", "w", encoding="ascii") as f:
         f.write("3")
 

@@ -16,8 +16,16 @@ def _num(value: float | None, digits: int = 2) -> str:
 
 
 def _med(summary: dict, key: str, digits: int = 2) -> str:
+    """The median of `key`; "unknown" for a count the driver does not keep."""
+    if key in summary and summary[key] is None:
+        return "unknown"
     entry = summary.get(key)
     return "-" if not entry or not entry.get("n") else _num(entry["median"], digits)
+
+
+def _size(summary: dict, key: str) -> str:
+    entry = summary.get(key)
+    return "-" if not entry or not entry.get("n") else human_size(entry["median"])
 
 
 def _table(title: str, columns: Sequence[str]) -> Table:
@@ -105,8 +113,11 @@ def _amplification(doc: dict, console: Console) -> None:
             "file",
             "written",
             "device",
+            "net",
             "amplification x",
+            "net x",
             "clone device",
+            "clone net",
             "clone inodes",
         ),
     )
@@ -120,12 +131,23 @@ def _amplification(doc: dict, console: Console) -> None:
                 w["workload"],
                 human_size(w["file_size"]) if w["file_size"] else "new",
                 human_size(w["logical_bytes"]),
-                human_size(s["device_bytes"]["median"]),
-                _num(s["amplification"]["median"], 1),
-                human_size(s["clone_device_bytes"]["median"]),
+                _size(s, "device_bytes"),
+                _size(s, "device_bytes_net"),
+                _med(s, "amplification", 1),
+                _med(s, "amplification_net", 1),
+                _size(s, "clone_device_bytes"),
+                _size(s, "clone_device_bytes_net"),
                 _med(s, "clone_inodes", 0),
             )
     console.print(table)
+    for name, record in found:
+        idle = record.get("idle_flush", {}).get("summary", {})
+        if idle.get("n"):
+            console.print(
+                f"  {name}: idle flush {human_size(idle['median'])} (median of {idle['n']}, "
+                f"{human_size(idle['min'])} .. {human_size(idle['max'])}), taken off in net",
+                highlight=False,
+            )
     _definitions(console, found[0][1]["definitions"])
 
 
@@ -167,7 +189,16 @@ def _footprint(doc: dict, console: Console) -> None:
     )
     scenario = _table(
         "clones of one image on a small disk: measured, and predicted by the per-clone cost",
-        ("driver", "disk", "clones", "ran out first", "predicted", "bench disk fits", "its limit"),
+        (
+            "driver",
+            "disk",
+            "clones",
+            "ran out first",
+            "free at end",
+            "predicted",
+            "bench disk fits",
+            "its limit",
+        ),
     )
     for name, record in found:
         for what, key in (("per layer", "layer"), ("per clone", "clone")):
@@ -179,9 +210,8 @@ def _footprint(doc: dict, console: Console) -> None:
                 name,
                 what + (" (mounted)" if suffix else ""),
                 _med(s, "inodes" + suffix, 0),
-                human_size(s["bytes" + suffix]["median"]),
-                f"{human_size(s['driver_bytes']['median'])}, "
-                f"{s['driver_inodes']['median']:.0f} inodes",
+                _size(s, "bytes" + suffix),
+                f"{_size(s, 'driver_bytes')}, {_med(s, 'driver_inodes', 0)} inodes",
             )
         run = record.get("scenario")
         bench = record.get("bench_disk")
@@ -191,6 +221,7 @@ def _footprint(doc: dict, console: Console) -> None:
                 human_size(run["disk_size"]),
                 str(run["clones"]),
                 run["first_exhausted"],
+                human_size(run["at_end"]["bytes_free"]),
                 _num((run["predicted"] or {}).get("predicted_clones"), 0),
                 _num(bench["predicted_clones"], 0),
                 str(bench["predicted_first_exhausted"]),

@@ -109,7 +109,7 @@ def needed_disk(reg: Registered, layers: int, runs: int, metrics: list[str]) -> 
     need = data + FS_RESERVE
     if reg.driver.disk_filesystem == "ext4":
         need = max(need, inodes * EXT4_BYTES_PER_INODE)
-    return need
+    return max(need, reg.driver.min_disk_size)
 
 
 def _round_up(size: int, unit: int = 256 * MiB) -> int:
@@ -151,7 +151,7 @@ def validate(
     _check_host_space(
         root,
         max(needed_disk(available[n], args.layers, args.runs, metrics) for n in names)
-        + footprint.SCENARIO_DISK,
+        + max(footprint.scenario_disk(available[n].driver) for n in names),
     )
     out = Path(args.out).absolute() if args.out else None
     _check_out(out)

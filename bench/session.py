@@ -16,21 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from minifs import linux, mounter
+from minifs import mounter
 from minifs.model import Mount
 from minifs.plugins import get_driver
 from minifs.state import StateDir
 from minifs.storage import Storage
 from minifs_bench.content import write_image
 from minifs_bench.disk import BenchDisk, detach_mounts_under
-from minifs_bench.probes import (
-    DeviceCounter,
-    FsCounts,
-    WriteMeter,
-    drop_caches,
-    elapsed_ms,
-    fs_counts,
-)
+from minifs_bench.probes import DeviceCounter, FsCounts, WriteMeter, drop_caches, elapsed_ms
 
 IMAGE = "image"
 """The bottom layer every clone-based metric stands on."""
@@ -64,7 +57,7 @@ class Session:
     progress: Progress
     chain: list[LayerRecord] = field(default_factory=list)
     _names: Iterator[int] = field(default_factory=itertools.count)
-    _records: dict[Path, list[Mount]] = field(default_factory=dict)
+    _records: dict[Path, tuple[str, list[Mount]]] = field(default_factory=dict)
 
     @property
     def device(self) -> DeviceCounter:
@@ -72,22 +65,37 @@ class Session:
         return DeviceCounter(self.disk.device)
 
     def meter(self) -> WriteMeter:
-        """Counts what the bench disk's block device receives."""
-        return WriteMeter(self.device, self.fs)
+        """Counts what the bench disk's block device receives, flushed by the driver."""
+        return WriteMeter(self.device, self.storage.driver.flush)
 
-    def drop_caches(self) -> None:
-        """Make the next access to the bench disk go to its device."""
-        drop_caches(self.fs, self.disk.fstype)
+    def make_cold(self, target: Path) -> None:
+        """Make the next access through `target` go to the bench disk's device.
+
+        The clone is unmounted while the driver drops its own caches (zfs
+        exports its pool to empty the ARC), mounted again from fresh records,
+        then the driver is flushed and the kernel's caches are dropped: what is
+        looked up next is read from the device, the mount itself excepted.
+        """
+        name, records = self._records[target]
+        mounter.unmount_all(records, target)
+        self.storage.driver.drop_caches()
+        records = self.storage.mounts(name)
+        self._records[target] = (name, records)
+        mounter.mount_all(records, target)
+        self.storage.driver.flush()
+        drop_caches(self.disk.mountpoint, self.disk.fstype)
 
     @property
     def fs(self) -> Path:
-        """The bench disk's filesystem: statvfs and syncfs go there."""
+        """The bench disk's filesystem, for drivers that have one (the bare
+        operations make their scratch directories there)."""
         if self.disk.mountpoint is None:
             raise AssertionError("the bench disk has no filesystem mounted")
         return self.disk.mountpoint
 
     def counts(self) -> FsCounts:
-        return fs_counts(self.fs)
+        """Bytes and inodes, total and free, as the driver sees its space."""
+        return FsCounts(**self.storage.driver.space())
 
     def name(self, prefix: str) -> str:
         return f"{prefix}-{next(self._names)}"
@@ -100,41 +108,25 @@ class Session:
 
     # -- mounting through the records the driver returns -----------------------
 
-    @staticmethod
-    def unmount(records: list[Mount], target: Path) -> None:
-        """Undo `mounter.mount_all(records, target)`: the last record first."""
-        for record in reversed(records):
-            mounter.unmount(target / record.target)
-
     @contextlib.contextmanager
     def mounted(self, name: str) -> Iterator[Path]:
-        """Mount `name`'s records on a fresh directory for the block's duration.
-
-        When the block fails (Ctrl-C included) a file it left open may keep the
-        mount busy; it is then detached lazily so the original error, not a
-        "busy", is what the user sees, and the mount goes once the file closes.
-        """
+        """Mount `name`'s records on a fresh directory for the block's duration;
+        afterwards the driver may let go of what it mounted to serve them."""
         target = self.target()
-        records = self.storage.mounts(name)
-        mounter.mount_all(records, target)
-        self._records[target] = records
+        self._records[target] = (name, self.storage.mounts(name))
         try:
-            yield target
-        except BaseException:
-            for record in reversed(records):
-                with contextlib.suppress(OSError):
-                    linux.umount(target / record.target, linux.MNT_DETACH)
-            raise
+            with mounter.mounted(self._records[target][1], target):
+                yield target
         finally:
             del self._records[target]
-        self.unmount(records, target)
         target.rmdir()
+        self.storage.driver.unmounted(self.storage.stat(name).id)
 
     def remount(self, target: Path) -> None:
         """Unmount and mount again, so what is read next comes from the driver's
         store and not from the mount's own caches."""
-        records = self._records[target]
-        self.unmount(records, target)
+        _, records = self._records[target]
+        mounter.unmount_all(records, target)
         mounter.mount_all(records, target)
 
     # -- layers ------------------------------------------------------------------
@@ -182,30 +174,44 @@ class Session:
 def open_on_disk(
     driver: str, workdir: Path, disk_name: str, size: int
 ) -> tuple[BenchDisk, Storage]:
-    """A fresh disk and a Storage whose driver lives on it alone.
+    """A fresh disk and a started Storage whose driver lives on it alone.
 
     A driver that formats its disk gets the filesystem mounted as its home;
     one that takes a raw device (a zpool, a thin pool) gets it as its `device`
     option. The metadata store stays off the disk, so the disk's counters see
-    the driver's work and nothing else.
+    the driver's work and nothing else. The backend is brought up here, so
+    the driver's hooks (space, flush) answer before the first snapshot.
     """
     cls = get_driver(driver)
     disk = BenchDisk(workdir, disk_name, size, cls.disk_filesystem)
     state = workdir / f"{disk_name}-state"
+    storage = None
     try:
         disk.up(StateDir(state).home(driver) if cls.disk_filesystem else None)
         options = {"device": disk.device} if cls.disk_filesystem is None else {}
-        return disk, Storage(driver, state, options)
+        storage = Storage(driver, state, options)
+        with storage.changing():
+            pass
+        return disk, storage
     except BaseException:
+        if storage is not None:
+            _down(storage)
         disk.down()
         raise
 
 
-def close_on_disk(storage: Storage, disk: BenchDisk, workdir: Path) -> None:
-    """Undo `open_on_disk`: mounts left under `workdir`, the driver's backend, the disk."""
-    detach_mounts_under(workdir, keep={str(disk.mountpoint)} if disk.mountpoint else set())
+def _down(storage: Storage) -> None:
     try:
         storage.down()
     finally:
         storage.close()
-    disk.down()
+
+
+def close_on_disk(storage: Storage, disk: BenchDisk, workdir: Path) -> None:
+    """Undo `open_on_disk`: what the bench left mounted under `workdir`/mnt, the
+    driver's backend (which takes down what it mounted itself), the disk."""
+    detach_mounts_under(workdir / "mnt")
+    try:
+        _down(storage)
+    finally:
+        disk.down()

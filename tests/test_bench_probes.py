@@ -12,10 +12,17 @@ from pathlib import Path
 
 import pytest
 
+from minifs import linux
 from minifs_bench import amplification
-from minifs_bench.content import IMAGE_INODES, VerificationFailed, pattern
+from minifs_bench.content import IMAGE_BYTES, IMAGE_INODES, VerificationFailed, pattern
 from minifs_bench.disk import BenchDisk
-from minifs_bench.probes import DeviceCounter, WriteMeter, drop_caches, fs_counts
+from minifs_bench.probes import (
+    DeviceCounter,
+    WriteMeter,
+    drop_caches,
+    fs_counts,
+    inodes_taken,
+)
 from minifs_bench.session import IMAGE, Session, close_on_disk, open_on_disk
 from tests import leaks
 from tests.conftest import driver_params
@@ -40,7 +47,7 @@ def disk(tmp_path: Path):
 
 
 def test_write_meter_counts_what_reaches_the_device(disk):
-    meter = WriteMeter(DeviceCounter(disk.device), disk.mountpoint)
+    meter = WriteMeter(DeviceCounter(disk.device), lambda: linux.syncfs(disk.mountpoint))
     data = pattern(7, 8 * MiB)
 
     def write() -> None:
@@ -52,6 +59,7 @@ def test_write_meter_counts_what_reaches_the_device(disk):
     # Nothing left over and no background writer: the kernel's inode-table
     # zeroing thread (32 MiB on a 2 GiB disk, a few seconds after mount) is off.
     assert meter.measure(lambda: time.sleep(0.2)) == 0
+    assert meter.idle() == 0
     assert "noinit_itable" in _super_options(disk.mountpoint).split(",")
 
 
@@ -156,11 +164,76 @@ def test_a_workload_that_does_not_land_fails_its_check(session):
 
 @pytest.mark.parametrize("session", driver_params(), indirect=True)
 def test_image_clone_costs_inodes_by_driver_kind(session):
+    """Where the driver counts inodes; btrfs and zfs have no fixed number of
+    them, which must show as unknown, and a clone there costs little space."""
     session.build_image()
     before = session.counts()
     session.storage.clone("c", IMAGE)
-    used = session.counts().inodes_used - before.inodes_used
-    if session.storage.driver.kind.value == "copy":
+    after = session.counts()
+    used = inodes_taken(before, after)
+    if session.storage.driver.name in ("btrfs", "zfs"):
+        assert used is None and before.inodes_total is None
+        assert 0 <= after.bytes_used - before.bytes_used < IMAGE_BYTES
+    elif session.storage.driver.kind.value == "copy":
         assert used >= IMAGE_INODES
     else:
         assert 0 < used < IMAGE_INODES // 4
+
+
+def _only(name: str) -> list:
+    """`name` if it runs here, else a skip carrying its probe's reason."""
+    return [p for p in driver_params() if p.values[0] == name]
+
+
+@pytest.mark.parametrize("session", _only("zfs"), indirect=True)
+def test_zfs_idle_commit_is_measured_and_taken_off(session):
+    """A forced commit writes a transaction group even with nothing dirty;
+    that is the baseline, and what a 4-byte update adds to it is a few
+    records, not the file (ZFS copies blocks, not files)."""
+    idle = [session.meter().idle() for _ in range(3)]
+    assert min(idle) > 0, "a forced zpool commit writes uberblocks at least"
+    sample = _four_byte_update(session, 16 * MiB)
+    net = sample["device_bytes"] - sorted(idle)[1]
+    assert net < 2 * MiB, f"a 4-byte update of a 16 MiB file wrote {net} beyond a commit"
+    assert sample["clone_inodes"] is None
+
+
+@pytest.mark.parametrize("session", _only("zfs"), indirect=True)
+def test_zfs_cold_lookup_needs_the_pool_exported(session):
+    """drop_caches alone leaves the file in zfs's ARC: a stat then reads
+    nothing from the device. make_cold (export and import) makes it read."""
+    session.build_image()
+    session.storage.clone("c", IMAGE)
+    with session.mounted("c") as root:
+        (root / "bench-target").read_bytes()
+        drop_caches(None, None)
+        before = session.device.bytes_read()
+        (root / "bench-target").stat()
+        assert session.device.bytes_read() == before, "served from the ARC, not the device"
+        for _ in range(2):
+            session.make_cold(root)
+            before = session.device.bytes_read()
+            assert (root / "bench-target").read_bytes()
+            assert session.device.bytes_read() > before, "a cold read came from memory"
+
+
+@pytest.mark.parametrize("session", _only("zfs"), indirect=True)
+def test_zfs_space_counts_bytes_and_no_inodes(session):
+    before = session.counts()
+    assert before.inodes_total is None and before.inodes_free is None
+    session.make_layer("big", None, lambda root: (root / "f").write_bytes(pattern(3, 8 * MiB)))
+    after = session.counts()
+    assert 8 * MiB <= after.bytes_used - before.bytes_used < 10 * MiB
+    assert before.bytes_free - after.bytes_free >= 8 * MiB
+
+
+@pytest.mark.parametrize("session", _only("btrfs"), indirect=True)
+def test_btrfs_counters_see_its_metadata(session):
+    """The disk is btrfs and the store lives on it: a 4-byte update is a 4 KiB
+    data block plus the tree blocks btrfs copies on write, all counted, and a
+    commit with nothing dirty writes nothing."""
+    assert session.storage.driver.options["path"] == str(session.storage.driver.home)
+    assert session.meter().idle() == 0
+    sample = _four_byte_update(session, 16 * MiB)
+    assert 16 * 1024 < sample["device_bytes"] < 2 * MiB
+    assert sample["clone_inodes"] is None
