@@ -15,9 +15,10 @@ Where the subvolumes live (`btrfs.path`, settled at the first start):
   and never unmounted; `auto` picks the home itself when it is on btrfs (the
   benchmark's dedicated disk), else `image`.
 
-Sizes of single clones (a qgroup limit on the clone's subvolume, as Docker's
-btrfs driver does with quotas) are not offered yet: `prepare` makes the
-subvolume in one call, after which a limit would be one more ioctl.
+A clone's size (`minifs clone --size`) is capped by a qgroup limit on its
+subvolume's referenced bytes, as Docker's btrfs driver does: quotas are
+switched on for the filesystem the first time a size is asked for (they cost
+a little on every snapshot and delete, so not before).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from minifs.errors import (
 )
 from minifs.hookspecs import hookimpl
 from minifs.layers.safefs import remove_tree
-from minifs.loopdisk import make_image, parse_size
+from minifs.loopdisk import fitting_size, make_image, parse_size
 from minifs.model import DriverKind, Kind, Mount, Usage
 from minifs.resources import describe, run
 
@@ -67,6 +68,30 @@ one directory would each take the other's subvolumes for orphans in gc."""
 SID_RE = re.compile(r"[0-9a-f]{32}")
 BUSY_WAIT = 10.0
 """Seconds `stop` waits for the image's loop device to be let go (see stop)."""
+
+
+_IOC_QUOTA_CTL = 0xC0109428
+"""BTRFS_IOC_QUOTA_CTL: _IOWR(0x94, 40, struct btrfs_ioctl_quota_ctl_args {u64 cmd, status})."""
+_QUOTA_CTL_ENABLE = 1
+_IOC_QUOTA_RESCAN_WAIT = 0x942E
+"""BTRFS_IOC_QUOTA_RESCAN_WAIT: _IO(0x94, 46); returns once no rescan runs."""
+_IOC_QGROUP_LIMIT = 0x8030942B
+"""BTRFS_IOC_QGROUP_LIMIT: _IOR(0x94, 43, struct btrfs_ioctl_qgroup_limit_args):
+u64 qgroupid (0: the subvolume of the descriptor), then struct btrfs_qgroup_limit
+{u64 flags, max_rfer, max_excl, rsv_rfer, rsv_excl}."""
+_LIMIT_MAX_RFER = 1
+
+
+def _limit_referenced(subvolume: Path, size: int) -> None:
+    """Cap what `subvolume` may reference at `size` bytes (writes past it: EDQUOT)."""
+    fd = os.open(subvolume, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        args = struct.pack("=QQQQQQ", 0, _LIMIT_MAX_RFER, size, 0, 0, 0)
+        fcntl.ioctl(fd, _IOC_QGROUP_LIMIT, args)
+    except OSError as exc:
+        raise BackendError(f"cannot limit {subvolume} to {size} bytes: {exc.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def _image_size(text: str) -> int:
@@ -176,12 +201,15 @@ class BtrfsDriver(Driver):
     kind = DriverKind.COW
     backend = "btrfs subvolumes and snapshots"
     disk_filesystem = "btrfs"
+    size_limit = "btrfs qgroup limit"
+    min_disk_size = MIN_IMAGE_SIZE
     options_help = {
         "path": "auto (default), image (a loop-backed btrfs image in the home), or a "
         "directory on a mounted btrfs to keep subvolumes in, used as it is",
-        "size": f"size of the loop-backed image (default {DEFAULT_IMAGE_SIZE}, at least 109M)",
+        "size": f"size of the loop-backed image (default auto: {DEFAULT_IMAGE_SIZE}, or 90% of "
+        "the free space where that is less; at least 109M)",
     }
-    option_defaults = {"path": AUTO, "size": DEFAULT_IMAGE_SIZE}
+    option_defaults = {"path": AUTO, "size": AUTO}
 
     def __init__(self, home: Path, options: Mapping[str, str] | None = None) -> None:
         super().__init__(home, options)
@@ -222,12 +250,16 @@ class BtrfsDriver(Driver):
                 f"btrfs.path={path} is neither auto, image nor an absolute directory; "
                 "give the full path of a directory on a mounted btrfs"
             )
-        if "size" in options:
+        if options.get("size", AUTO) != AUTO:  # settled to a size when an image is made
             _image_size(options["size"])
 
     def settle_options(self, options: dict[str, str]) -> dict[str, str]:
         if options["path"] == AUTO:
             options["path"] = str(self.home) if _on_btrfs(self.home) else IMAGE
+        if options["path"] == IMAGE and options["size"] == AUTO:
+            wanted = parse_size(DEFAULT_IMAGE_SIZE)
+            size = fitting_size(self.home, wanted, MIN_IMAGE_SIZE, "a btrfs image")
+            options["size"] = f"{size >> 20}M"
         return options
 
     @staticmethod
@@ -317,14 +349,34 @@ class BtrfsDriver(Driver):
     def path(self, sid: str) -> Path:
         return self.data / sid
 
-    def prepare(self, sid: str, parents: Sequence[str]) -> None:
+    def prepare(self, sid: str, parents: Sequence[str], size: int | None = None) -> None:
         self.remove(sid)  # a crashed earlier attempt may have left it
         target = str(self.path(sid))
+        if size is not None:
+            self._quotas_on()  # before the snapshot, so its qgroup counts from the start
         with _calls(f"cannot make subvolume {target}"):
             if parents:
                 btrfsutil.create_snapshot(str(self.path(parents[0])), target)
             else:
                 btrfsutil.create_subvolume(target)
+        if size is not None:
+            _limit_referenced(self.path(sid), size)
+
+    def _quotas_on(self) -> None:
+        """Switch quotas on for the filesystem (once) and wait for the rescan the
+        kernel starts, so the parent's qgroup holds true counts."""
+        fd = os.open(self.data, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            try:
+                fcntl.ioctl(fd, _IOC_QUOTA_CTL, struct.pack("=QQ", _QUOTA_CTL_ENABLE, 0))
+                fcntl.ioctl(fd, _IOC_QUOTA_RESCAN_WAIT)
+            except OSError as exc:
+                raise BackendError(
+                    f"cannot switch on btrfs quotas in {self.data} ({exc.strerror}), which "
+                    "--size needs; drop --size"
+                ) from None
+        finally:
+            os.close(fd)
 
     def view(self, sid: str, parents: Sequence[str]) -> None:
         self.remove(sid)

@@ -60,6 +60,8 @@ from minifs_drivers.zfs_backend import (
 )
 from minifs_drivers.zfs_pool import (
     DEFAULT_SIZE,
+    MIN_VDEV,
+    RESERVE,
     EmbeddedPool,
     Reserve,
     auto_size,
@@ -102,6 +104,8 @@ class ZfsDriver(Driver):
     kind = DriverKind.COW
     backend = _Backend()  # type: ignore[assignment]
     disk_filesystem = None
+    min_disk_size = MIN_VDEV
+    size_limit = "zfs refquota"
     options_help = {
         "pool": "an existing pool or dataset to keep datasets under (used as it is, "
         "never destroyed); default: a pool minifs makes in its home",
@@ -256,6 +260,54 @@ class ZfsDriver(Driver):
         zfs-fuse needs the reserve like any other change."""
         self._roomy(lambda: self.zfs.sync(self.pool, self.root), "commit its writes")
 
+    def flush(self) -> None:
+        """A forced commit (`sync`): syncfs(2) does not reach the pool."""
+        self.sync()
+
+    def space(self) -> dict[str, int | None]:
+        """The root dataset's exact `used` and `available`, after a commit
+        (they move when a transaction group lands): a clone fails when
+        `available` is spent, which the pool's `free` tells only roughly
+        (zfs-fuse's `zpool list` has no -p and rounds to three digits, and a
+        pool keeps back a share no dataset may use). Free includes the reserve,
+        which `_roomy` lets any operation use once the pool is full. Inodes:
+        None, as ZFS makes objects from free space and has no count to run out of."""
+        self.sync()
+        props = self.zfs.get(self.root, ["used", "available"])
+        used, free = int(props["used"]), int(props["available"])
+        held = 0
+        if self._reserve() is not None:
+            with contextlib.suppress(ZfsNotFound):
+                reserve = self.zfs.get(f"{self.pool}/{RESERVE}", ["reservation"])
+                held = int(reserve.get("reservation", "0"))
+        return {
+            "bytes_total": used + free,
+            "bytes_free": free + held,
+            "inodes_total": None,
+            "inodes_free": None,
+        }
+
+    def drop_caches(self) -> None:
+        """Export the pool minifs made and import it again: only an export
+        evicts a pool's blocks from the ARC, which drop_caches cannot reach;
+        datasets are mounted again when asked for (`_mounted`). A user's pool
+        (`zfs.pool`) is never exported, so its reads may still hit the ARC."""
+        if self.options.get("pool"):
+            return
+        from minifs.resources import _export  # what `minifs down` runs, busy retries included
+
+        _export(self.pool)
+        EmbeddedPool(self.zfs, self.resources, self.home, self.pool).up(
+            self.options.get("size", DEFAULT_SIZE), self.options.get("device"), self.zfs.pools()
+        )
+
+    def unmounted(self, sid: str) -> None:
+        """zfs-fuse: let go of the daemon's own mount of the dataset (each takes
+        one of the ~1000 it can serve); `_mounted` mounts it again when asked."""
+        if flavour() == "zfs-fuse" and _mount_mode(self.mnt_dir / sid) is not None:
+            with contextlib.suppress(ZfsError):
+                self.zfs.unmount(self.dataset(sid))
+
     # -- snapshots -------------------------------------------------------------
 
     def dataset(self, sid: str) -> str:
@@ -282,7 +334,7 @@ class ZfsDriver(Driver):
         """`zfs clone` of the parent layer's snapshot (`zfs create` without one).
 
         `size` caps what the clone may reference (refquota), as Docker's
-        `--storage-opt size` does on zfs; no caller passes it yet."""
+        `--storage-opt size` does on zfs."""
         dataset = self.dataset(sid)
         props = self._props(sid, readonly, size)
         origin = f"{self.dataset(parents[0])}@{LAYER}" if parents else None

@@ -255,6 +255,51 @@ class Driver(abc.ABC):
         shape than one object override it."""
         return None if sid in self.ids() else "its backend object is missing"
 
+    # -- measuring: what the benchmark (or anything counting disk use) asks --------
+
+    min_disk_size: ClassVar[int] = 0
+    """Smallest dedicated disk, in bytes, this driver can be given (the
+    benchmark gives each its own): below it mkfs or `zpool create` refuses.
+    0 when the driver has no floor of its own."""
+
+    def flush(self) -> None:
+        """Return once everything written so far through this driver is on its
+        device, so a block device's write counter can be read: syncfs(2) of the
+        home's filesystem (data, metadata and journal). A backend that syncfs
+        does not reach (a zpool under zfs-fuse) overrides it."""
+        from minifs import linux
+
+        linux.syncfs(self.home)
+
+    def space(self) -> dict[str, int | None]:
+        """`bytes_total`, `bytes_free`, `inodes_total`, `inodes_free` where this
+        driver keeps its data, to count what a layer or a clone takes and how
+        many fit: statvfs of the home, free counts including root's reserve
+        (minifs runs as root). Inode counts are None where the filesystem has
+        no fixed number to run out of (btrfs makes inodes from free space and
+        statvfs says 0), so nobody divides by an invented one."""
+        st = os.statvfs(self.home)
+        fixed = st.f_files > 0
+        return {
+            "bytes_total": st.f_blocks * st.f_frsize,
+            "bytes_free": st.f_bfree * st.f_frsize,
+            "inodes_total": st.f_files if fixed else None,
+            "inodes_free": st.f_ffree if fixed else None,
+        }
+
+    def drop_caches(self) -> None:  # noqa: B027
+        """Drop what this driver caches of its snapshots outside the kernel's
+        page cache, dentries and inodes (/proc/sys/vm/drop_caches empties
+        those), so the next read goes to the device. Callers unmount what they
+        mounted from this driver first: dropping may mean letting go of the
+        backend (zfs exports its pool to empty the ARC). Default: nothing."""
+
+    def unmounted(self, sid: str) -> None:  # noqa: B027
+        """The caller unmounted what `mounts(sid)` described: a driver that
+        mounted something of its own to serve those records may let it go
+        (zfs-fuse serves each dataset from a mount in its daemon, which holds
+        about a thousand at most). Default: nothing."""
+
 
 def tree_usage(path: Path) -> Usage:
     """Disk bytes and inodes under `path` (itself included), each hard-linked

@@ -15,6 +15,7 @@ import pytest
 from minifs import linux, mounter
 from minifs.errors import MinifsError
 from minifs.plugins import get_driver, registered
+from minifs.resources import Resources
 from minifs.state import StateDir
 from minifs.storage import Storage
 from tests import leaks
@@ -83,20 +84,18 @@ def scope(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def zfs_fuse_daemon(scope: Path) -> Iterator[None]:
+def zfs_fuse_daemon(scope: Path) -> Iterator[Resources]:
     """One zfs-fuse daemon for the whole session, started before the first
     test, so zfs tests share it instead of each starting and stopping one
     (3-4 s a stop); taken down once at the end. Where zfs is not in the
     session, or a daemon already answers (or kernel ZFS), nothing is started."""
-    from minifs.resources import Resources
-
     resources = Resources(scope / "zfs-session" / "run")
     if "zfs" in registered() and _runs_here("zfs"):
         from minifs_drivers import zfs, zfs_fuse
 
         if zfs.flavour() == "zfs-fuse":
             zfs_fuse.ensure(resources, resources.run_dir / "zfs-fuse.log")
-    yield
+    yield resources
     resources.down()
 
 

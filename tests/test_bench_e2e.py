@@ -33,8 +33,9 @@ def _updates(doc: dict, driver: str) -> dict[int, float]:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_short_run_of_every_driver(cli, root, tmp_path):
-    """Every driver that runs here, on its own disk; zfs's scenario alone makes
-    some 1500 clones of a 64 MiB pool, so this takes minutes."""
+    """overlay2 and vfs end to end, each on its own disk. btrfs and zfs are
+    measured by tests/test_bench_probes.py; a full `--driver all` run takes
+    minutes (zfs's scenario makes some 1500 clones), too long for make test."""
     out = tmp_path / "out" / "r.json"
     done = cli(
         "bench",

@@ -176,7 +176,7 @@ def destroy_behind_back(driver: str, home: Path, sid: str) -> None:
         names = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()
         dataset = next(n for n in names if n.endswith("/" + sid))
         for _ in range(50):  # zfs-fuse: "dataset is busy" for a moment after an unmount
-            if subprocess.run(["zfs", "destroy", "-r", "-f", dataset]).returncode == 0:
+            if subprocess.run(["zfs", "destroy", "-R", "-f", dataset]).returncode == 0:
                 return
             time.sleep(0.1)
         raise AssertionError(f"cannot destroy {dataset}")

@@ -50,20 +50,11 @@ def prop(name: str, dataset: str) -> int:
     return int(zfs_cmd("zfs", "get", "-H", "-p", "-o", "value", name, dataset).strip())
 
 
-@pytest.fixture(scope="session", autouse=True)
-def zfs_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Resources | None]:
-    """One zfs-fuse daemon for this module's tests (kernel ZFS: none), started
-    before the first test's leak check so it is no test's leak."""
-    if ZFS is None or ZFS.marks:
-        yield None
-        return
-    from minifs_drivers import zfs, zfs_fuse
-
-    resources = Resources(tmp_path_factory.getbasetemp() / "zfs-session" / "run")
-    if zfs.flavour() == "zfs-fuse":
-        zfs_fuse.ensure(resources, resources.run_dir / "zfs-fuse.log")
-    yield resources
-    resources.down()
+@pytest.fixture
+def zfs_session(zfs_fuse_daemon: Resources) -> Resources | None:
+    """The session's zfs-fuse daemon record (tests/conftest.py starts it before
+    the first test's leak check, so it is no test's leak); None for kernel ZFS."""
+    return None if ZFS is None or ZFS.marks else zfs_fuse_daemon
 
 
 @pytest.fixture

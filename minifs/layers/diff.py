@@ -150,6 +150,9 @@ class _Differ:
 
     def run(self, new_root: int, old_root: int | None) -> None:
         roots = (new_root,) if old_root is None else (new_root, old_root)
+        if self.overlay and _overlay_dir(new_root, b"."):
+            # A layer that replaces everything below it (`.wh..wh..opq` at the top).
+            self.emit(_whiteout(OPAQUE))
         self.stack.append(_Frame(new_root, old_root, b"", self._names(new_root, old_root), None))
         try:
             while self.stack:

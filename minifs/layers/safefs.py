@@ -20,6 +20,9 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 Parts = tuple[bytes, ...]
 
+OPAQUE_XATTR = "trusted.overlay.opaque"
+"""How overlayfs marks a directory that hides the lower layers' entries."""
+
 
 def proc_path(dir_fd: int, name: bytes) -> bytes:
     """A path naming `name` in `dir_fd` for calls that take no dir_fd (the
