@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from minifs import linux
 from minifs.driver import AUTO, Driver
 from minifs.errors import (
     BackendError,
@@ -44,7 +45,7 @@ from minifs.errors import (
 )
 from minifs.hookspecs import hookimpl
 from minifs.layers.safefs import remove_tree
-from minifs.loopdisk import fitting_size, make_image, parse_size
+from minifs.loopdisk import fitting_size, image_size, make_image, parse_size
 from minifs.model import DriverKind, Kind, Mount, Usage
 from minifs.resources import describe, run
 
@@ -57,8 +58,6 @@ IMAGE = "image"
 DEFAULT_IMAGE_SIZE = "10G"
 MIN_IMAGE_SIZE = 114294784
 """mkfs.btrfs's own minimum for one device (109 MiB): below it mkfs refuses."""
-MAX_IMAGE_SIZE = (1 << 63) - 1
-"""The largest file size the kernel's off_t can express."""
 SUPER_OFFSET, SUPER_MAGIC = 0x10040, b"_BHRfS_M"
 """Where the primary superblock keeps its magic, to tell a btrfs image from
 anything else before it is attached and mounted."""
@@ -95,13 +94,7 @@ def _limit_referenced(subvolume: Path, size: int) -> None:
 
 
 def _image_size(text: str) -> int:
-    size = parse_size(text)
-    if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
-        raise InvalidArgument(
-            f"btrfs.size={text} is out of range; give at least 109M (mkfs.btrfs's "
-            "minimum, e.g. 10G), and no more than the filesystem can hold"
-        )
-    return size
+    return image_size(text, "btrfs.size", MIN_IMAGE_SIZE, "mkfs.btrfs's minimum")
 
 
 @contextlib.contextmanager
@@ -222,12 +215,10 @@ class BtrfsDriver(Driver):
     def probe(cls) -> None:
         if os.geteuid() != 0:
             raise NotSupported("btrfs makes subvolumes and mounts, which needs root; run as root")
-        with open("/proc/filesystems", encoding="utf-8") as f:
-            if not any(line.split()[-1] == "btrfs" for line in f if line.strip()):
-                raise NotSupported(
-                    "the kernel has no btrfs (not in /proc/filesystems); "
-                    "load it with 'modprobe btrfs'"
-                )
+        if "btrfs" not in linux.filesystems():
+            raise NotSupported(
+                "the kernel has no btrfs (not in /proc/filesystems); load it with 'modprobe btrfs'"
+            )
         if btrfsutil is None:
             raise MissingPrerequisite(
                 "the Python module btrfsutil is not installed (it builds against "

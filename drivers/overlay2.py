@@ -28,7 +28,7 @@ from minifs.driver import Driver, tree_usage
 from minifs.errors import BackendError, InvalidArgument, MinifsError, NotSupported
 from minifs.hookspecs import hookimpl
 from minifs.layers.safefs import OPAQUE_XATTR, remove_tree
-from minifs.loopdisk import make_image, parse_size
+from minifs.loopdisk import image_size, make_image
 from minifs.model import DriverKind, Kind, Mount, Usage
 
 KERNEL_MAX_STACK = 500
@@ -38,18 +38,10 @@ DEFAULT_IMAGE_SIZE = "10G"
 MIN_IMAGE_SIZE = 1 << 20
 """Below this mkfs.ext4 cannot lay out its own metadata; an image that small
 would fail to format with a message about partition tables."""
-MAX_IMAGE_SIZE = (1 << 63) - 1
-"""The largest file size the kernel's off_t can express."""
 
 
 def _image_size(text: str) -> int:
-    size = parse_size(text)
-    if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
-        raise InvalidArgument(
-            f"overlay2.size={text} is out of range; give at least 1M (e.g. 10G), and no "
-            "more than the filesystem can hold"
-        )
-    return size
+    return image_size(text, "overlay2.size", MIN_IMAGE_SIZE, "mkfs.ext4's own metadata")
 
 
 def _short_name() -> str:
@@ -106,12 +98,11 @@ class Overlay2Driver(Driver):
     def probe(cls) -> None:
         if os.geteuid() != 0:
             raise NotSupported("overlay2 mounts overlayfs, which needs root; run as root")
-        with open("/proc/filesystems", encoding="utf-8") as f:
-            if not any(line.split()[-1] == "overlay" for line in f if line.strip()):
-                raise NotSupported(
-                    "the kernel has no overlayfs (not in /proc/filesystems); "
-                    "load it with 'modprobe overlay'"
-                )
+        if "overlay" not in linux.filesystems():
+            raise NotSupported(
+                "the kernel has no overlayfs (not in /proc/filesystems); "
+                "load it with 'modprobe overlay'"
+            )
 
     @classmethod
     def version(cls) -> str:

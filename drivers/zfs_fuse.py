@@ -14,15 +14,12 @@ namespace, so it is started from the minifs process (the host's namespace).
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import re
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 from minifs import linux
-from minifs.resources import Resources
+from minifs.resources import Resources, flocked
 
 SOCKET = "/var/run/zfs/zfs_socket"
 """Where zfs-fuse listens; fixed in its source, not configurable."""
@@ -67,16 +64,9 @@ def answering() -> bool:
     return True
 
 
-@contextlib.contextmanager
-def machine_lock() -> Iterator[None]:
-    path = Path(LOCK)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def machine_lock() -> contextlib.AbstractContextManager[None]:
+    """zfs-fuse is one daemon per machine: starting it is serialised machine-wide."""
+    return flocked(LOCK)
 
 
 def ensure(resources: Resources, log: Path) -> bool:

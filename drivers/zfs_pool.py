@@ -21,14 +21,13 @@ import os
 from pathlib import Path
 
 from minifs.errors import BackendError, InvalidArgument, StateDirError
-from minifs.loopdisk import fitting_size, make_image, parse_size
+from minifs.loopdisk import fitting_size, image_size, make_image, parse_size
 from minifs.resources import Resources
 from minifs_drivers.zfs_backend import ZfsBackend, ZfsError, ZfsNoSpace, ZfsNotFound
 
 DEFAULT_SIZE = "10G"
 MIN_VDEV = 64 << 20
 """ZFS refuses a vdev smaller than 64 MiB (SPA_MINDEVSIZE)."""
-MAX_VDEV = (1 << 63) - 1
 
 POOL_PROPS = {"cachefile": "none", "failmode": "continue"}
 """No cache file: only minifs imports the pool. failmode=continue: a pool
@@ -61,13 +60,7 @@ def pool_name(home: Path) -> str:
 
 
 def vdev_size(text: str) -> int:
-    size = parse_size(text)
-    if not MIN_VDEV <= size <= MAX_VDEV:
-        raise InvalidArgument(
-            f"zfs.size={text} is out of range; ZFS needs at least 64M (e.g. 10G), and no "
-            "more than a file can hold"
-        )
-    return size
+    return image_size(text, "zfs.size", MIN_VDEV, "ZFS's smallest vdev")
 
 
 def auto_size(where: Path) -> str:

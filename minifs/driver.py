@@ -249,11 +249,12 @@ class Driver(abc.ABC):
 
     @_started_only
     def damage(self, sid: str) -> str | None:
-        """What is wrong with `sid`'s backend object (missing, parts missing),
-        or None when it looks whole; for `minifs check` and for naming the
-        damaged layer when an operation on a chain fails. Drivers with more
-        shape than one object override it."""
-        return None if sid in self.ids() else "its backend object is missing"
+        """What is wrong with `sid`'s backend object beyond being missing (a
+        part of it gone), or None; for `minifs check` and for naming the damaged
+        layer when an operation on a chain fails. Whether the object exists at
+        all the core asks `ids()` once for the whole chain, so drivers with
+        more shape than one object override this and others need not."""
+        return None
 
     # -- measuring: what the benchmark (or anything counting disk use) asks --------
 

@@ -146,6 +146,12 @@ def getxattr(target: XattrTarget, key: str, size: int) -> bytes:
     return buf.raw[:got]
 
 
+def filesystems() -> set[str]:
+    """The filesystem types the running kernel knows (/proc/filesystems)."""
+    with open("/proc/filesystems", encoding="utf-8") as f:
+        return {line.split()[-1] for line in f if line.strip()}
+
+
 def is_mountpoint(path: str | Path) -> bool:
     """True when `path` is the target of a mount in this mount namespace."""
     wanted = os.path.realpath(path)

@@ -24,6 +24,22 @@ _MKFS = {
 }
 
 
+MAX_IMAGE_SIZE = (1 << 63) - 1
+"""The largest file size the kernel's off_t can express."""
+
+
+def image_size(text: str, option: str, minimum: int, why: str) -> int:
+    """The size `option=text` gives an image, refused in one line below
+    `minimum` (`why`: what sets that floor) or beyond what a file can hold."""
+    size = parse_size(text)
+    if not minimum <= size <= MAX_IMAGE_SIZE:
+        raise InvalidArgument(
+            f"{option}={text} is out of range; give at least {minimum >> 20}M ({why}, "
+            "e.g. 10G), and no more than a file can hold"
+        )
+    return size
+
+
 def parse_size(text: str) -> int:
     """'512M', '10G', '4096' -> bytes (binary units, as truncate(1) reads them)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)

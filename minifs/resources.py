@@ -399,7 +399,7 @@ def _stop_daemon(record: dict) -> bool:
     """Stop a recorded daemon unless its idle probe says it still serves
     someone; under its lock, so nobody starts using it as it goes."""
     lock = record.get("lock")
-    with _flocked(lock) if lock else contextlib.nullcontext():
+    with flocked(lock) if lock else contextlib.nullcontext():
         probe = record.get("idle_probe")
         if probe:
             try:
@@ -415,7 +415,8 @@ def _stop_daemon(record: dict) -> bool:
 
 
 @contextlib.contextmanager
-def _flocked(path: str) -> Iterator[None]:
+def flocked(path: str) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (made if missing) for one block."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:

@@ -451,11 +451,19 @@ class Storage:
         try:
             yield
         except (OSError, BackendError) as exc:
+            present = self.driver.ids()
             for sid in ids:
-                why = self.driver.damage(sid)
+                why = self._what_is_wrong(sid, present)
                 if why is not None:
                     raise self._damaged(sid, why) from None
             raise exc
+
+    def _what_is_wrong(self, sid: str, present: set[str]) -> str | None:
+        """The driver's own account first (it names the missing part)."""
+        why = self.driver.damage(sid)
+        if why is None and sid not in present:
+            return "its backend object is missing"
+        return why
 
     def _damaged(self, sid: str, why: str) -> Damaged:
         info = self.store.get_id(sid)
@@ -632,9 +640,7 @@ class Storage:
                     report.partial.append(partial_advice(info))
                 if info.state is not State.READY and info.state is not State.PARTIAL:
                     continue  # recovery's business, and half-made by definition
-                why = self.driver.damage(info.id)
-                if why is None and info.id not in present:
-                    why = "its backend object is missing"
+                why = self._what_is_wrong(info.id, present)
                 if why is None:
                     continue
                 users = _descendants(info, by_parent)

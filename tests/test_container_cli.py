@@ -78,18 +78,25 @@ def test_stopped_container_clone_becomes_a_layer(minifs: Run, state: Path) -> No
     no_containers_left(minifs, state)
 
 
+def kill_monitor(run: Run, name: str) -> dict:
+    """SIGKILL container `name`'s monitor and wait until PID 1 follows it (it
+    dies with its parents, PR_SET_PDEATHSIG, taking its namespaces along);
+    returns the container's inspect data."""
+    data = inspect(run, name)
+    os.kill(data["monitor_pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while alive(data["pid"], data["pid_start"]):
+        assert time.monotonic() < deadline, "PID 1 outlived its monitor"
+        time.sleep(0.02)
+    return data
+
+
 def test_killed_monitor_is_reclaimed(minifs: Run, state: Path) -> None:  # noqa: F811
     started = minifs(
         "run", "-d", "--rm", "--name", "orphan", "--memory", "64M", "busybox", "sleep", "60"
     )
     assert started.returncode == 0, started.stderr
-    data = inspect(minifs, "orphan")
-    os.kill(data["monitor_pid"], signal.SIGKILL)
-    # PID 1 dies with its parents (PR_SET_PDEATHSIG), taking its namespaces along.
-    deadline = time.monotonic() + 10
-    while alive(data["pid"], data["pid_start"]):
-        assert time.monotonic() < deadline, "PID 1 outlived its monitor"
-        time.sleep(0.02)
+    data = kill_monitor(minifs, "orphan")
     # What outlives it (cgroup, clone, record) goes at the next ps.
     assert Path(cgroup_dir(data, "memory")).exists()
     assert json.loads(minifs("ps", "-a", "--json").stdout) == []

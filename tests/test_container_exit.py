@@ -6,8 +6,6 @@ cannot be run, from `run`, `run -d` and `exec` alike."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,10 +15,11 @@ import pytest
 
 from minifs.container import records
 from minifs.container.lifecycle import _orphan, reclaim
-from minifs.container.records import Container, alive
+from minifs.container.records import Container
 from minifs.resources import process_start_time
 from tests.conftest import MINIFS, refused
 from tests.corpus import docker_archive, member, tar_bytes
+from tests.test_container_cli import kill_monitor
 from tests.test_run import (  # noqa: F401
     Run,
     env,
@@ -94,12 +93,7 @@ def test_container_whose_monitor_died_is_recorded_as_killed(minifs: Run, state: 
     started = minifs("run", "-d", "--name", "orphan", "busybox", "sleep", "60")
     assert started.returncode == 0, started.stderr
     try:
-        data = inspect(minifs, "orphan")
-        os.kill(data["monitor_pid"], signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while alive(data["pid"], data["pid_start"]):
-            assert time.monotonic() < deadline, "PID 1 outlived its monitor"
-            time.sleep(0.02)
+        kill_monitor(minifs, "orphan")
         rows = json.loads(minifs("ps", "-a", "--json").stdout)
         ends = [(r["name"], r["status"], r["exit_code"], r["error"]) for r in rows]
         assert ends == [("orphan", "exited", 137, "its monitor died")]
