@@ -10,11 +10,15 @@ its lock, the crash-safe ordering.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from minifs import linux, mounter
+from minifs.errors import BackendError
 from minifs.model import Mount
 from minifs.resources import run
 
@@ -71,5 +75,91 @@ class BareCopy(Bare):
         mounter.mount_one(Mount(record.type, str(scratch), record.options), target)
 
 
-BARE: dict[str, Bare] = {"overlay2": BareOverlay(), "vfs": BareCopy()}
+class BareSnapshot(Bare):
+    what = (
+        "btrfs snapshot of the layer's subvolume and a bind mount with the clone's "
+        "options; umount and subvolume delete (ioctls, libbtrfsutil)"
+    )
+
+    def create(
+        self, clone: Sequence[Mount], layer: Sequence[Mount], scratch: Path, target: Path
+    ) -> None:
+        import btrfsutil
+
+        (snapshotted,) = layer
+        (record,) = clone
+        btrfsutil.create_snapshot(snapshotted.source, str(scratch))
+        mounter.mount_one(Mount(record.type, str(scratch), record.options), target)
+
+    def delete(self, scratch: Path, target: Path) -> None:
+        import btrfsutil
+
+        linux.umount(target)
+        btrfsutil.delete_subvolume(str(scratch))
+
+
+class BareZfsClone(Bare):
+    what = (
+        "zfs clone of the layer's snapshot, mounted where zfs puts it and bound with "
+        "the clone's options; umount and zfs destroy (the zfs command, busy retried)"
+    )
+
+    def __init__(self) -> None:
+        self._origins: dict[str, str] = {}
+        self._made: dict[Path, str] = {}
+
+    def create(
+        self, clone: Sequence[Mount], layer: Sequence[Mount], scratch: Path, target: Path
+    ) -> None:
+        (snapshotted,) = layer
+        (record,) = clone
+        origin = self._origin(snapshotted)
+        dataset = f"{origin.split('@')[0].rsplit('/', 1)[0]}/{scratch.name}"
+        run(["zfs", "clone", "-o", f"mountpoint={scratch}", origin, dataset], "bare zfs clone")
+        self._made[scratch] = dataset
+        options = record.options if record.type == "bind" else ("bind", *record.options)
+        mounter.mount_one(Mount("bind", str(scratch), options), target)
+
+    def delete(self, scratch: Path, target: Path) -> None:
+        linux.umount(target)
+        dataset = self._made.pop(scratch)
+        delay, deadline = 0.02, time.monotonic() + 30
+        while True:  # zfs-fuse: busy for a moment after the unmount, as for the driver
+            done = subprocess.run(
+                ["zfs", "destroy", dataset], capture_output=True, text=True, check=False
+            )
+            if done.returncode == 0:
+                break
+            if "busy" not in done.stderr or time.monotonic() > deadline:
+                raise BackendError(f"bare zfs destroy {dataset}: {done.stderr.strip()}")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        with contextlib.suppress(OSError):
+            scratch.rmdir()
+
+    def _origin(self, layer: Mount) -> str:
+        """The snapshot the layer's dataset is frozen as; looked up in the
+        untimed warm-up round, then remembered."""
+        if layer.source not in self._origins:
+            dataset = layer.source
+            if layer.type != "zfs":  # zfs-fuse: a bind of where the daemon mounted it
+                (dataset,) = (
+                    e.source
+                    for e in linux.mountinfo()
+                    if e.target == layer.source and e.fstype == "fuse.zfs"
+                )
+            listed = run(
+                ["zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-d", "1", dataset],
+                "zfs list",
+            )
+            self._origins[layer.source] = listed.split()[-1]
+        return self._origins[layer.source]
+
+
+BARE: dict[str, Bare] = {
+    "overlay2": BareOverlay(),
+    "vfs": BareCopy(),
+    "btrfs": BareSnapshot(),
+    "zfs": BareZfsClone(),
+}
 """Drivers with a bare equivalent; any other is measured without the ratio."""

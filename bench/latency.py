@@ -169,7 +169,7 @@ def _bare(
     samples: dict[str, list[float]],
 ) -> None:
     bare = BARE[session.driver]
-    scratch = session.fs / session.name("bench-bare")
+    scratch = session.scratch / session.name("bench-bare")
     target = session.target()
     start = time.perf_counter_ns()
     bare.create(clone_records, layer_records, scratch, target)

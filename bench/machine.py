@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import minifs
+from minifs import linux
 from minifs.errors import BackendError
 from minifs.plugins import registered
 from minifs.resources import run
@@ -44,15 +45,11 @@ def filesystem_of(path: Path) -> dict[str, str]:
     """The mount holding `path`: its type, source and mount point."""
     wanted = os.path.realpath(path)
     best = {"type": "unknown", "source": "", "mountpoint": ""}
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            # mountinfo escapes space, tab, newline and backslash as octal.
-            target = fields[4].encode("latin-1").decode("unicode_escape")
-            after = fields[fields.index("-") + 1 :]
-            inside = wanted == target or wanted.startswith(target.rstrip("/") + "/")
-            if inside and len(target) >= len(best["mountpoint"]):
-                best = {"type": after[0], "source": after[1], "mountpoint": target}
+    for entry in linux.mountinfo():
+        target = entry.target
+        inside = wanted == target or wanted.startswith(target.rstrip("/") + "/")
+        if inside and len(target) >= len(best["mountpoint"]):
+            best = {"type": entry.fstype, "source": entry.source, "mountpoint": target}
     return best
 
 

@@ -86,12 +86,11 @@ class Session:
         drop_caches(self.disk.mountpoint, self.disk.fstype)
 
     @property
-    def fs(self) -> Path:
-        """The bench disk's filesystem, for drivers that have one (the bare
-        operations make their scratch directories there)."""
-        if self.disk.mountpoint is None:
-            raise AssertionError("the bench disk has no filesystem mounted")
-        return self.disk.mountpoint
+    def scratch(self) -> Path:
+        """Where the bare operations make what they make: on the bench disk's
+        filesystem beside the driver's own data, or for a driver on the raw
+        device (zfs) the work dir, as only mount points are made there."""
+        return self.disk.mountpoint or self.workdir
 
     def counts(self) -> FsCounts:
         """Bytes and inodes, total and free, as the driver sees its space."""

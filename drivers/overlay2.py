@@ -24,11 +24,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from minifs import failpoints, linux
-from minifs.driver import Driver, tree_usage
+from minifs.driver import AUTO, Driver, tree_usage
 from minifs.errors import BackendError, InvalidArgument, MinifsError, NotSupported
 from minifs.hookspecs import hookimpl
 from minifs.layers.safefs import OPAQUE_XATTR, remove_tree
-from minifs.loopdisk import image_size, make_image
+from minifs.loopdisk import fitting_size, image_size, make_image, parse_size
 from minifs.model import DriverKind, Kind, Mount, Usage
 
 KERNEL_MAX_STACK = 500
@@ -74,7 +74,7 @@ class Overlay2Driver(Driver):
         "backing": "auto (default), direct, or loop: keep layers on a loop-backed ext4 image",
         "size": f"size of the loop-backed image (default {DEFAULT_IMAGE_SIZE})",
     }
-    option_defaults = {"backing": "auto", "size": DEFAULT_IMAGE_SIZE}
+    option_defaults = {"backing": "auto", "size": AUTO}
 
     def __init__(self, home: Path, options: Mapping[str, str] | None = None) -> None:
         # Everything that can be refused is refused here, before the state dir
@@ -91,7 +91,7 @@ class Overlay2Driver(Driver):
         allowed = ("direct", "loop") if settled else ("auto", "direct", "loop")
         if backing not in allowed:
             raise InvalidArgument(f"overlay2.backing={backing} is not one of {', '.join(allowed)}")
-        if "size" in options:
+        if options.get("size", AUTO) != AUTO:  # settled to a size when an image is made
             _image_size(options["size"])
 
     @classmethod
@@ -112,9 +112,15 @@ class Overlay2Driver(Driver):
 
     def settle_options(self, options: dict[str, str]) -> dict[str, str]:
         """backing=auto becomes direct where this home's filesystem can hold
-        overlay upper dirs, else loop."""
+        overlay upper dirs, else loop; a loop image's size=auto becomes 10G,
+        or what the disk can spare (a sparse image larger than its disk fails
+        later, as writeback errors inside the clones)."""
         if options["backing"] == "auto":
             options["backing"] = "direct" if self._upper_works(self.home) else "loop"
+        if options["backing"] == "loop" and options["size"] == AUTO:
+            wanted = parse_size(DEFAULT_IMAGE_SIZE)
+            size = fitting_size(self.home, wanted, MIN_IMAGE_SIZE, "an overlay2 backing image")
+            options["size"] = f"{size >> 20}M"
         return options
 
     @staticmethod

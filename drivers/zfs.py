@@ -291,7 +291,10 @@ class ZfsDriver(Driver):
         """Export the pool minifs made and import it again: only an export
         evicts a pool's blocks from the ARC, which drop_caches cannot reach;
         datasets are mounted again when asked for (`_mounted`). A user's pool
-        (`zfs.pool`) is never exported, so its reads may still hit the ARC."""
+        (`zfs.pool`) is never exported, so its reads may still hit the ARC.
+        The daemon runs without zfs-fuse's vdev cache (see zfs_fuse.ARGV): it
+        reads 64 KiB around every small read, so the import and the mount
+        would bring in the blocks a lookup is about to ask for."""
         if self.options.get("pool"):
             return
         from minifs.resources import _export  # what `minifs down` runs, busy retries included
@@ -517,11 +520,9 @@ def _which(program: str) -> bool:
 def _mount_mode(target: Path) -> str | None:
     """'ro' or 'rw' for the mount at `target` in this namespace, None if none."""
     wanted, mode = str(target), None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:  # the last mount at a target is the one on top
-            fields = line.split(" ", 6)
-            if zfs_fuse.unescape(fields[4]) == wanted:
-                mode = "ro" if "ro" in fields[5].split(",") else "rw"
+    for entry in linux.mountinfo():  # the last mount at a target is the one on top
+        if entry.target == wanted:
+            mode = "ro" if "ro" in entry.options else "rw"
     return mode
 
 
@@ -537,16 +538,11 @@ def _remount_readonly(target: Path) -> None:
 def _fuse_mounts_under(directory: Path) -> list[tuple[str, str]]:
     """(target, dataset) of the zfs-fuse mounts below `directory`, deepest first."""
     prefix = str(directory) + "/"
-    found = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            head, sep, tail = line.partition(" - ")
-            if not sep:
-                continue
-            fstype, source = tail.split()[:2]
-            target = zfs_fuse.unescape(head.split()[4])
-            if fstype == "fuse.zfs" and target.startswith(prefix):
-                found.append((target, source))
+    found = [
+        (entry.target, entry.source)
+        for entry in linux.mountinfo()
+        if entry.fstype == "fuse.zfs" and entry.target.startswith(prefix)
+    ]
     return sorted(found, key=lambda t: len(t[0]), reverse=True)
 
 

@@ -14,7 +14,6 @@ namespace, so it is started from the minifs process (the host's namespace).
 from __future__ import annotations
 
 import contextlib
-import re
 import socket
 from pathlib import Path
 
@@ -41,6 +40,8 @@ ARGV = (
     "3600",
     "--fuse-entry-timeout",
     "3600",
+    "--vdev-cache-size",
+    "0",  # as OpenZFS (off by default, since removed): a read fetches what it asks for
 )
 """Explicit, so /etc/zfs/zfsrc (read by the daemon too) cannot turn xattrs off."""
 
@@ -96,18 +97,9 @@ def detach_dead_mounts(pool: str) -> list[str]:
     dataset again over one. Returns the targets detached."""
     detached = []
     prefix = f"{pool}/"
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        entries = [line.split(" - ", 1) for line in f]
-    for head, _, tail in ((e[0], None, e[1]) for e in entries if len(e) == 2):
-        fstype, source = tail.split()[:2]
-        if fstype == "fuse.zfs" and (source == pool or source.startswith(prefix)):
-            target = unescape(head.split()[4])
+    for entry in linux.mountinfo():
+        if entry.fstype == "fuse.zfs" and (entry.source == pool or entry.source.startswith(prefix)):
             with contextlib.suppress(OSError):
-                linux.umount(target, linux.MNT_DETACH)
-                detached.append(target)
+                linux.umount(entry.target, linux.MNT_DETACH)
+                detached.append(entry.target)
     return detached
-
-
-def unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 # The interpreter's own symbols include libc; find_library would run ldconfig.
@@ -160,18 +162,47 @@ def is_mountpoint(path: str | Path) -> bool:
 
 def mount_targets() -> list[str]:
     """Mount targets of this mount namespace, from /proc/self/mountinfo."""
-    targets = []
+    return [entry.target for entry in mountinfo()]
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo, the fields minifs reads."""
+
+    target: str
+    options: tuple[str, ...]
+    """Per-mount options (ro/rw, nosuid, ...)."""
+    fstype: str
+    source: str
+    super_options: tuple[str, ...]
+    """The filesystem's own options (lowerdir=..., errors=...)."""
+
+
+def mountinfo() -> list[MountEntry]:
+    """The mounts of this mount namespace in mount order (the last at a
+    target is the one on top). The one reader of /proc/self/mountinfo."""
+    entries = []
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
-            targets.append(_unescape(line.split(" ", 5)[4]))
-    return targets
+            head, _, tail = line.partition(" - ")
+            fields, after = head.split(" "), tail.split(" ")
+            entries.append(
+                MountEntry(
+                    _unescape(fields[4]),
+                    tuple(fields[5].split(",")),
+                    after[0],
+                    _unescape(after[1]),
+                    tuple(after[2].rstrip("\n").split(",")),
+                )
+            )
+    return entries
 
 
 def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
     if "\\" not in field:
         return field
-    return field.encode("latin-1").decode("unicode_escape")
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 # -- namespaces and process control, for the container launcher -----------------

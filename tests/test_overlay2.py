@@ -9,6 +9,7 @@ keeps the build to the cost of the store's transactions.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import stat
@@ -20,6 +21,7 @@ import pytest
 
 from minifs import linux, mounter
 from minifs.errors import MinifsError, TooManyLayers
+from minifs.loopdisk import parse_size
 from minifs.model import Kind
 from minifs.plugins import get_driver
 from minifs.storage import Storage
@@ -56,11 +58,9 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Storage]:
 
 def mount_options(target: Path) -> str:
     """The superblock options /proc/self/mountinfo shows for the mount at `target`."""
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == str(target):
-                return fields[-1]
+    for entry in linux.mountinfo():
+        if entry.target == str(target):
+            return ",".join(entry.super_options)
     raise AssertionError(f"{target} is not mounted")
 
 
@@ -217,3 +217,15 @@ def test_deletes_are_whiteouts_and_opaque_dirs(open_storage, mount):
     with mount(storage, "after") as path:
         assert sorted(os.listdir(path)) == ["dir", "kept"]
         assert sorted(os.listdir(path / "dir")) == ["new"]
+
+
+def test_a_loop_image_is_sized_to_fit_its_disk(cli, tmpfs):
+    """backing=loop without a size: 10G, or 90% of what the disk can spare, so
+    a small disk never holds a sparse image that writeback cannot fill."""
+    small = tmpfs("small", "size=64M") / "state"
+    opts = ("--root", str(small), "--storage-opt", "overlay2.backing=loop")
+    cli(*opts, "clone", "x", check=True)
+    config = json.loads((small / "drivers" / "overlay2" / "config.json").read_text())
+    assert 1 << 20 < parse_size(config["size"]) <= 64 * (1 << 20) * 0.9
+    cli("--root", str(small), "rm", "x", check=True)
+    cli("--root", str(small), "down", check=True)

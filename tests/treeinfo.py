@@ -21,6 +21,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from minifs.layers import safefs
+
 Entry = dict[str, Any]
 Tree = dict[str, Entry]
 
@@ -55,7 +57,7 @@ def xattrs(path: str | os.PathLike[str]) -> dict[str, bytes]:
     for name in names:
         if name.startswith(HIDDEN_XATTR_PREFIXES):
             continue
-        values[name] = os.getxattr(path, name, follow_symlinks=False)
+        values[name] = safefs.getxattr(path, name)  # size first: zfs-fuse, values > 128 B
     return dict(sorted(values.items()))
 
 
