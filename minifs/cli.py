@@ -93,18 +93,18 @@ def _print_info(args: argparse.Namespace, info: Any) -> None:
 
 
 def cmd_clone(args: argparse.Namespace) -> int:
-    with open_storage(args) as storage, storage.changing():
-        parent = args.parent
-        if parent is not None:
-            from minifs.images import resolve_layer
-
-            parent = resolve_layer(storage, parent)  # a layer, or an image unpacked here
+    with open_storage(args) as storage:
         size = None
         if args.size is not None:
             from minifs.loopdisk import parse_size
 
             size = parse_size(args.size)
             storage.check_size(size)  # before an image is unpacked for nothing
+        parent = args.parent
+        if parent is not None:
+            from minifs.images import resolve_layer
+
+            parent = resolve_layer(storage, parent)  # a layer, or an image unpacked here
         info = storage.clone(args.name, parent, pairs(args.label, "--label"), size)
         _print_info(args, info)
     return 0
@@ -113,7 +113,7 @@ def cmd_clone(args: argparse.Namespace) -> int:
 def cmd_view(args: argparse.Namespace) -> int:
     from minifs.images import resolve_layer
 
-    with open_storage(args) as storage, storage.changing():
+    with open_storage(args) as storage:
         parent = resolve_layer(storage, args.parent)  # as for clone: a layer or an image
         info = storage.view(args.name, parent, pairs(args.label, "--label"))
         _print_info(args, info)

@@ -86,6 +86,29 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def owner_tag() -> str:
+    """`<pid>.<start>.<pidns>` of this process, for names and labels that must
+    say which process made something: only what a dead process left is
+    reclaimed, and the start time tells a reused pid from its first owner."""
+    pid = os.getpid()
+    return f"{pid}.{process_start_time(pid)}.{_pid_ns()}"
+
+
+def owner_alive(tag: str) -> bool:
+    """Whether the process an `owner_tag` names may still be running. From
+    another pid namespace that cannot be told, so it counts as alive; a tag
+    that is not one (made by an older minifs) counts as gone."""
+    try:
+        pid, start, ns = (int(part) for part in tag.split("."))
+    except ValueError:
+        return False
+    return ns != _pid_ns() or process_start_time(pid) == start
+
+
+def _pid_ns() -> int:
+    return os.stat("/proc/self/ns/pid").st_ino
+
+
 def loop_backing_file(device: str) -> str | None:
     name = os.path.basename(device)
     try:

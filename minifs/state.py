@@ -7,6 +7,7 @@ a home under `drivers/<name>/`; what a driver brings up outside its home
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from minifs.errors import StateDirError
+from minifs.errors import InUse, StateDirError
 
 DEFAULT_ROOT = Path("/var/lib/minifs")
 
@@ -28,6 +29,7 @@ LAYOUT = {
     "content": (stat.S_ISDIR, "directory"),
     "containers": (stat.S_ISDIR, "directory"),
     "reserve": (stat.S_ISREG, "file"),
+    "locks": (stat.S_ISDIR, "directory"),
 }
 """What minifs keeps at the top of a state dir, and what each must be."""
 
@@ -110,6 +112,12 @@ class StateDir:
     def locked(self) -> Iterator[None]:
         """Hold the state dir's exclusive lock; re-entrant within one process.
 
+        The lock guards the metadata store's read-check-write steps and
+        recovery, which are short: long backend work (a copy, a layer apply)
+        lets go of it (`unlocked`) and keeps its snapshot to itself with the
+        snapshot's own lock (`working_on`) instead, so readers and work on
+        other snapshots never wait for a copy.
+
         The hold is shared by every StateDir of this process on the same root:
         flock on a second descriptor would block on the first, so two Storage
         objects (say overlay2 and vfs during an image rm) could deadlock.
@@ -119,9 +127,7 @@ class StateDir:
         """
         held = _HELD.setdefault(self.root, _Hold())
         if held.depth == 0:
-            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            held.fd = fd
+            held.fd = _flocked_fd(self.root / "lock")
         held.depth += 1
         try:
             yield
@@ -130,6 +136,88 @@ class StateDir:
             if held.depth == 0:
                 os.close(held.fd)
                 held.fd = -1
+
+    @contextmanager
+    def unlocked(self) -> Iterator[None]:
+        """Let go of the state dir's lock for the block and take it back after,
+        when this process holds it once. Held deeper (a caller wrapped a whole
+        sequence of steps in `locked`), it stays held: that caller asked to
+        have the store to itself."""
+        held = _HELD.get(self.root)
+        if held is None or held.depth != 1:
+            yield
+            return
+        os.close(held.fd)
+        held.fd, held.depth = -1, 0
+        try:
+            yield
+        finally:
+            held.fd = _flocked_fd(self.root / "lock")
+            held.depth = 1
+
+    @contextmanager
+    def working_on(self, key: str) -> Iterator[None]:
+        """Hold `key`'s own lock (a snapshot id, or a layer being unpacked)
+        for the block. Outside the state dir's lock it waits for another
+        holder; under it, it cannot (that holder may be waiting for the state
+        dir's lock to finish), so a key held elsewhere is InUse there. Callers
+        check `busy` first under the lock, where every snapshot lock is taken."""
+        path = self._lock_path(key)
+        path.parent.mkdir(exist_ok=True)
+        held = _HELD.get(self.root)
+        wait = held is None or held.depth == 0  # never wait holding the state dir's lock
+        while True:
+            try:
+                fd = _flocked_fd(path, wait)
+            except BlockingIOError:
+                raise InUse(
+                    f"{key} is in use by another minifs command; try again when it has finished"
+                ) from None
+            if _still_linked(fd, path):
+                break
+            os.close(fd)  # its holder removed the file as it let go: take the new one
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # before letting go, so no one waits on a file that is gone
+            os.close(fd)
+
+    def busy(self, key: str) -> bool:
+        """Whether a live process holds `key`'s lock (`working_on`) now."""
+        path = self._lock_path(key)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def _lock_path(self, key: str) -> Path:
+        return self.root / "locks" / key
+
+
+def _flocked_fd(path: Path, wait: bool = True) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _still_linked(fd: int, path: Path) -> bool:
+    """Whether the file locked through `fd` is still the one at `path`."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 class _Hold:

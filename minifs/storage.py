@@ -35,12 +35,14 @@ from minifs.errors import (
 )
 from minifs.model import Info, Kind, Mount, State, Usage
 from minifs.plugins import get_driver
+from minifs.resources import owner_alive
 from minifs.state import StateDir
 from minifs.store import Store, keep_reserve
 
 TRANSIENT_LABEL = "minifs.transient"
-"""A clone made and consumed inside one locked operation (e.g. unpacking an
-image layer). Seen by recovery, it can only be left over from a crash."""
+"""A clone made and consumed inside one operation (e.g. unpacking an image
+layer); its value is the owner_tag of the process using it. Recovery removes
+one only when that process is gone."""
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,254}")
 
@@ -166,6 +168,16 @@ class CheckReport:
         ]
 
 
+def _recovery_of(info: Info) -> str:
+    """What recovery does to a row a dead process left unfinished, in words."""
+    if info.state is State.COMMITTING and info.pending:
+        return f"finish snapshot of {info.name} as layer {info.pending}"
+    if info.state is State.APPLYING:
+        return f"mark clone {info.name} partly applied ({info.pending})"
+    verb = "finish removing" if info.state is State.REMOVING else "roll back"
+    return f"{verb} {info.kind.value} {info.name} ({info.state.value})"
+
+
 def _descendants(info: Info, by_parent: Mapping[str, list[Info]]) -> list[str]:
     """Names of every snapshot stacked on `info`, nearest first."""
     found, queue = [], list(by_parent.get(info.id, []))
@@ -207,6 +219,12 @@ class Storage:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def up(self) -> None:
+        """Bring the backend up and recover what crashed, then let go of the
+        lock: for work that reads, or that takes the lock step by step."""
+        with self.changing():
+            pass
+
     @contextmanager
     def changing(self, recover: bool = True) -> Iterator[None]:
         """Hold the lock with the backend up and earlier crashes recovered."""
@@ -241,7 +259,23 @@ class Storage:
                 f"{name} is a {info.kind.value}, not a layer; commit it first with "
                 f"'minifs snapshot {name} LAYER'"
             )
+        self._refuse_if_busy(info)
         return info
+
+    def _refuse_if_busy(self, info: Info) -> None:
+        """A snapshot another operation is still making, committing, applying
+        to or removing is left to it (a crashed one was recovered already).
+        Checked under the state dir's lock, where every snapshot lock is
+        taken: what is free here is taken without waiting."""
+        if info.state not in (State.READY, State.PARTIAL):
+            doing = f"is {info.state.value}"
+        elif self.state.busy(info.id):
+            doing = "is in use"  # a layer being applied to it, before the first write
+        else:
+            return
+        raise InUse(
+            f"{info.name} {doing} by another minifs command; try again when it has finished"
+        )
 
     def _free(self, name: str) -> None:
         check_name(name)
@@ -302,21 +336,23 @@ class Storage:
             sid = self.store.insert(
                 self.name, name, kind, chain[0] if chain else None, dict(labels or {})
             )
-            failpoints.hit(f"{kind.value}:after-intent")
-            try:
-                with self._diagnosed(chain):
-                    if kind is Kind.VIEW:
-                        self.driver.view(sid, chain)
-                    elif size is not None:
-                        self.driver.prepare(sid, chain, size=size)
-                    else:
-                        self.driver.prepare(sid, chain)
-                failpoints.hit(f"{kind.value}:after-driver")
-            except BaseException:
-                self.driver.remove(sid)
-                self.store.delete(sid)
-                raise
-            self.store.set_state(sid, State.READY)
+            with self.state.working_on(sid):
+                failpoints.hit(f"{kind.value}:after-intent")
+                try:
+                    with self.state.unlocked(), self._diagnosed(chain):
+                        failpoints.hit(f"{kind.value}:working")
+                        if kind is Kind.VIEW:
+                            self.driver.view(sid, chain)
+                        elif size is not None:
+                            self.driver.prepare(sid, chain, size=size)
+                        else:
+                            self.driver.prepare(sid, chain)
+                    failpoints.hit(f"{kind.value}:after-driver")
+                except BaseException:
+                    self.driver.remove(sid)
+                    self.store.delete(sid)
+                    raise
+                self.store.set_state(sid, State.READY)
             return self.stat(name)
 
     def snapshot(
@@ -345,16 +381,20 @@ class Storage:
             self._free(layer)
             self._refuse_if_mounted(info, "snapshot")
             self.store.set_state(info.id, State.COMMITTING, pending_name=layer)
-            failpoints.hit("snapshot:after-intent")
-            self.driver.commit(info.id, self.store.chain(info.parent_id))
-            failpoints.hit("snapshot:after-driver")
-            merged = {**info.labels, **(labels or {})}
-            merged.pop(TRANSIENT_LABEL, None)  # the layer outlives the operation
-            # Lost at power failure, the row is back in COMMITTING and recovery
-            # rolls it forward: no fsync needed here.
-            self.store.finish_commit(
-                info.id, layer, {k: v for k, v in merged.items() if v}, durable=False
-            )
+            with self.state.working_on(info.id):
+                failpoints.hit("snapshot:after-intent")
+                chain = self.store.chain(info.parent_id)
+                with self.state.unlocked():
+                    failpoints.hit("snapshot:working")
+                    self.driver.commit(info.id, chain)
+                failpoints.hit("snapshot:after-driver")
+                merged = {**info.labels, **(labels or {})}
+                merged.pop(TRANSIENT_LABEL, None)  # the layer outlives the operation
+                # Lost at power failure, the row is back in COMMITTING and recovery
+                # rolls it forward: no fsync needed here.
+                self.store.finish_commit(
+                    info.id, layer, {k: v for k, v in merged.items() if v}, durable=False
+                )
             if keep:
                 self.clone(clone, layer, info.labels)
             return self.stat(layer)
@@ -362,6 +402,7 @@ class Storage:
     def remove(self, name: str) -> None:
         with self.changing():
             info = self.stat(name)
+            self._refuse_if_busy(info)
             children = self.store.children(info.id)
             if children:
                 names = ", ".join(c.name for c in children[:5])
@@ -370,11 +411,14 @@ class Storage:
                 )
             self._refuse_if_mounted(info, "remove")
             self.store.set_state(info.id, State.REMOVING)
-            failpoints.hit("remove:after-intent")
-            self.driver.remove(info.id)
-            failpoints.hit("remove:after-driver")
-            # Lost at power failure, the row is back in REMOVING and recovery finishes it.
-            self.store.delete(info.id, durable=False)
+            with self.state.working_on(info.id):
+                failpoints.hit("remove:after-intent")
+                with self.state.unlocked():
+                    failpoints.hit("remove:working")
+                    self.driver.remove(info.id)
+                failpoints.hit("remove:after-driver")
+                # Lost at power failure, the row is back in REMOVING and recovery finishes it.
+                self.store.delete(info.id, durable=False)
 
     def set_labels(self, name: str, labels: Mapping[str, str]) -> Info:
         """Add or (with an empty value) delete labels."""
@@ -412,24 +456,30 @@ class Storage:
                 raise InvalidArgument(
                     f"{name} is a {info.kind.value}; layers can only be applied to a clone"
                 )
+            self._refuse_if_busy(info)
             self._refuse_if_mounted(info, "apply a layer to")
             started: list[str] = []
 
             def start(diff_id: str) -> None:
                 if info.state is State.PARTIAL and info.pending != diff_id:
                     raise InUse(partial_advice(info))
-                self.store.set_state(info.id, State.APPLYING, pending_name=diff_id)
+                with self.state.locked():
+                    self.store.set_state(info.id, State.APPLYING, pending_name=diff_id)
                 started.append(diff_id)
                 failpoints.hit("apply:after-intent")
 
-            try:
-                yield info, start
-            except BaseException:
+            # Held from here: the clone is this apply's even while the row still
+            # says READY (the first pass only reads the archive).
+            with self.state.working_on(info.id):
+                try:
+                    with self.state.unlocked():
+                        yield info, start
+                except BaseException:
+                    if started:
+                        self.store.set_state(info.id, State.PARTIAL, pending_name=started[0])
+                    raise
                 if started:
-                    self.store.set_state(info.id, State.PARTIAL, pending_name=started[0])
-                raise
-            if started:
-                self.store.set_state(info.id, State.READY)
+                    self.store.set_state(info.id, State.READY)
 
     # -- mounting ----------------------------------------------------------
 
@@ -506,6 +556,7 @@ class Storage:
         where = self._check_mount_point(target)
         with self.changing():
             info = self.stat(name)
+            self._refuse_if_busy(info)
             if info.kind is Kind.CLONE:
                 # Two overlay mounts on one upper dir are undefined behaviour in
                 # the kernel, and two writers of one tree lose each other's work.
@@ -533,9 +584,11 @@ class Storage:
             self.store.remove_mount(where)
 
     def usage(self, name: str) -> Usage:
+        """Counted without the state dir's lock (a vfs clone is walked whole):
+        the backend up is all it needs."""
         info = self.stat(name)
-        with self.changing():
-            return self.driver.usage(info.id)
+        self.up()
+        return self.driver.usage(info.id)
 
     # -- what other modules read -------------------------------------------
 
@@ -568,31 +621,41 @@ class Storage:
     # -- recovery ----------------------------------------------------------
 
     def recover(self, dry_run: bool = False) -> list[str]:
-        """Finish or undo what crashed operations left; returns what it did."""
+        """Finish or undo what crashed operations left; returns what it did.
+        A row whose snapshot lock is held belongs to a command still at work,
+        and a transient clone to a process still alive: both are left alone."""
         done = []
-        for info in self.list({f"label.{TRANSIENT_LABEL}": "1"}):
+        for info in self.list():
+            owner = info.labels.get(TRANSIENT_LABEL)
+            if owner is None or owner_alive(owner) or self.state.busy(info.id):
+                continue  # the process using it is still at work
             done.append(f"remove transient {info.kind.value} {info.name}")
             if not dry_run:
-                self.driver.remove(info.id)
-                self.store.delete(info.id)
-        for info in self.store.unfinished(self.name):
-            if info.state is State.COMMITTING and info.pending:
-                done.append(f"finish snapshot of {info.name} as layer {info.pending}")
-                if not dry_run:
-                    self.driver.commit(info.id, self.store.chain(info.parent_id))
-                    self.store.finish_commit(info.id, info.pending, info.labels)
-            elif info.state is State.APPLYING:
-                # The clone holds the user's own changes too: never rolled back.
-                done.append(f"mark clone {info.name} partly applied ({info.pending})")
-                if not dry_run:
-                    self.store.set_state(info.id, State.PARTIAL, pending_name=info.pending)
-            else:
-                verb = "finish removing" if info.state is State.REMOVING else "roll back"
-                done.append(f"{verb} {info.kind.value} {info.name} ({info.state.value})")
-                if not dry_run:
+                with self.state.working_on(info.id):
                     self.driver.remove(info.id)
                     self.store.delete(info.id)
+        for info in self.store.unfinished(self.name):
+            if self.state.busy(info.id):
+                continue  # not crashed: another command is at work on it now
+            if dry_run:
+                done.append(_recovery_of(info))
+                continue
+            with self.state.working_on(info.id):
+                done.append(self._recover_one(info))
         return done
+
+    def _recover_one(self, info: Info) -> str:
+        """Finish or undo the operation a dead process left on `info`."""
+        if info.state is State.COMMITTING and info.pending:
+            self.driver.commit(info.id, self.store.chain(info.parent_id))
+            self.store.finish_commit(info.id, info.pending, info.labels)
+        elif info.state is State.APPLYING:
+            # The clone holds the user's own changes too: never rolled back.
+            self.store.set_state(info.id, State.PARTIAL, pending_name=info.pending)
+        else:
+            self.driver.remove(info.id)
+            self.store.delete(info.id)
+        return _recovery_of(info)
 
     def gc(self, dry_run: bool = False) -> GcReport:
         report = GcReport()
@@ -650,6 +713,7 @@ class Storage:
             report.unfinished = [
                 f"{i.kind.value} {i.name} is {i.state.value}"
                 for i in self.store.unfinished(self.name)
+                if not self.state.busy(i.id)  # at work in another command, not crashed
             ]
             report.stale_mounts = [
                 t for t, sid in self.store.all_mounts()

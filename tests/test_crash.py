@@ -41,7 +41,7 @@ OPERATIONS = {
 STORAGE_POINTS = [
     f"{op}:{step}"
     for op in ("clone", "view", "snapshot", "remove")
-    for step in ("after-intent", "after-driver")
+    for step in ("after-intent", "working", "after-driver")  # working: the lock let go
 ]
 
 

@@ -24,21 +24,21 @@ def resolve_layer(storage: Storage, ref: str) -> str:
     from minifs.images.catalog import Catalog, unpack
     from minifs.model import Kind
 
-    with storage.changing():
-        info = storage.find(ref)
-        if info is not None and info.kind is Kind.LAYER:
-            return ref
-        catalog = Catalog.of(storage)
-        found = catalog.find(ref)
-        if found is None:
-            if info is not None:
-                return ref  # a clone or view: cloning it gives the usual error
-            raise NotFound(
-                f"no layer or image named {ref!r} on driver {storage.name}; see 'minifs ls' "
-                "and 'minifs image ls', or add one with 'minifs image import PATH' "
-                "or 'minifs image busybox'"
-            )
-        return unpack(storage, catalog, found[1])
+    storage.up()  # not held on: an unpack takes the lock step by step
+    info = storage.find(ref)
+    if info is not None and info.kind is Kind.LAYER:
+        return ref
+    catalog = Catalog.of(storage)
+    found = catalog.find(ref)
+    if found is None:
+        if info is not None:
+            return ref  # a clone or view: cloning it gives the usual error
+        raise NotFound(
+            f"no layer or image named {ref!r} on driver {storage.name}; see 'minifs ls' "
+            "and 'minifs image ls', or add one with 'minifs image import PATH' "
+            "or 'minifs image busybox'"
+        )
+    return unpack(storage, catalog, found[1])
 
 
 def image_config(root: str | os.PathLike[str] | None, ref: str) -> dict[str, Any]:

@@ -17,8 +17,9 @@ from minifs import failpoints
 from minifs.errors import InUse, InvalidArgument, MinifsError
 from minifs.images import records
 from minifs.images.content import ContentStore, Staging
-from minifs.images.oci import Image, check_manifest, load, parse_json
+from minifs.images.oci import Image, Layer, check_manifest, load, parse_json
 from minifs.model import Info, Kind
+from minifs.resources import owner_tag
 from minifs.state import StateDir
 from minifs.storage import TRANSIENT_LABEL, Storage
 from minifs.store import Store
@@ -239,37 +240,52 @@ def unpack(storage: Storage, catalog: Catalog, image: Image, allow_devices: bool
     the layers that are missing."""
     if image.top is None:
         raise InvalidArgument(f"image {image.digest} has no layers; there is nothing to clone")
-    with storage.changing():
-        parent: str | None = None
-        for layer in image.layers:
-            info = storage.find(layer.chain_id)
-            if info is not None:
-                if info.kind is not Kind.LAYER:
-                    raise InvalidArgument(
-                        f"{layer.chain_id} on {storage.name} is a {info.kind.value}, not an "
-                        f"unpacked layer; remove it with 'minifs rm {layer.chain_id}'"
-                    )
-                parent = layer.chain_id
-                continue
-            from minifs.layers.snapshots import apply_to  # only when something to unpack
+    parent: str | None = None
+    for layer in image.layers:
+        if not _unpacked(storage, layer.chain_id):
+            # One unpack of a layer at a time per driver; other layers and
+            # other commands go on meanwhile (the state dir's lock is only
+            # taken by each step inside).
+            with storage.state.working_on(f"unpack-{storage.name}-{layer.chain_id[7:]}"):
+                if not _unpacked(storage, layer.chain_id):  # not by whoever held it before
+                    _unpack_layer(storage, catalog, layer, parent, allow_devices)
+        parent = layer.chain_id
+    assert parent is not None
+    return parent
 
-            work = f"unpack-{layer.chain_id[7:19]}-{os.urandom(4).hex()}"
-            storage.clone(work, parent, {TRANSIENT_LABEL: "1"})
-            try:
-                apply_to(
-                    storage,
-                    work,
-                    catalog.content.path(layer.digest),
-                    expected_diff_id=layer.diff_id,
-                    allow_devices=allow_devices,
-                )
-                failpoints.hit("unpack:after-apply")
-                storage.snapshot(work, layer.chain_id, {LAYER_LABEL: layer.diff_id})
-            except BaseException as exc:
-                storage.remove(work)
-                if isinstance(exc, MinifsError):
-                    raise type(exc)(f"cannot unpack layer {layer.digest}: {exc}") from None
-                raise
-            parent = layer.chain_id
-        assert parent is not None
-        return parent
+
+def _unpacked(storage: Storage, chain_id: str) -> bool:
+    info = storage.find(chain_id)
+    if info is not None and info.kind is not Kind.LAYER:
+        raise InvalidArgument(
+            f"{chain_id} on {storage.name} is a {info.kind.value}, not an "
+            f"unpacked layer; remove it with 'minifs rm {chain_id}'"
+        )
+    return info is not None
+
+
+def _unpack_layer(
+    storage: Storage, catalog: Catalog, layer: Layer, parent: str | None, allow_devices: bool
+) -> None:
+    """Apply one layer into a transient clone of `parent` and commit it under
+    the layer's chain id. The clone is labelled with this process: recovery
+    removes it only once this process is gone."""
+    from minifs.layers.snapshots import apply_to  # only when something to unpack
+
+    work = f"unpack-{layer.chain_id[7:19]}-{os.urandom(4).hex()}"
+    storage.clone(work, parent, {TRANSIENT_LABEL: owner_tag()})
+    try:
+        apply_to(
+            storage,
+            work,
+            catalog.content.path(layer.digest),
+            expected_diff_id=layer.diff_id,
+            allow_devices=allow_devices,
+        )
+        failpoints.hit("unpack:after-apply")
+        storage.snapshot(work, layer.chain_id, {LAYER_LABEL: layer.diff_id})
+    except BaseException as exc:
+        storage.remove(work)
+        if isinstance(exc, MinifsError):
+            raise type(exc)(f"cannot unpack layer {layer.digest}: {exc}") from None
+        raise

@@ -23,28 +23,9 @@ from typing import BinaryIO
 
 from minifs import linux
 from minifs.layers import safefs
+from minifs.resources import owner_alive, owner_tag
 
-_NAME = re.compile(r"(ingest|layer|mnt)-(\d+)\.(\d+)\.(\d+)-")
-
-
-def _start_time(pid: int) -> int | None:
-    """The start time of process `pid` (field 22 of /proc/PID/stat), or None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return int(fields[19])
-
-
-def _pid_ns() -> int:
-    return os.stat("/proc/self/ns/pid").st_ino
-
-
-def owner_tag() -> str:
-    """`<pid>.<start>.<pidns>` of this process, for scratch names."""
-    pid = os.getpid()
-    return f"{pid}.{_start_time(pid)}.{_pid_ns()}"
+_NAME = re.compile(r"(ingest|layer|mnt)-(\d+\.\d+\.\d+)-")
 
 
 def scratch_dir(state_root: str | os.PathLike[str]) -> Path:
@@ -70,12 +51,6 @@ def unnamed_file(where: str | os.PathLike[str] | None, buffering: int = -1) -> B
     return tempfile.TemporaryFile(dir=where, prefix=f"layer-{owner_tag()}-", buffering=buffering)
 
 
-def _alive(pid: int, start: int, ns: int) -> bool:
-    """Whether the creator may still be running; from another pid namespace we
-    cannot tell, so it counts as alive."""
-    return ns != _pid_ns() or _start_time(pid) == start
-
-
 def sweep(state_root: str | os.PathLike[str], dry_run: bool = False) -> list[str]:
     """Remove scratch entries whose creating process is gone; returns what it did."""
     where = Path(state_root) / "tmp"
@@ -86,7 +61,7 @@ def sweep(state_root: str | os.PathLike[str], dry_run: bool = False) -> list[str
     done = []
     for name in names:
         match = _NAME.match(name)
-        if match is None or _alive(*(int(g) for g in match.groups()[1:])):
+        if match is None or owner_alive(match.group(2)):
             continue
         path = where / name
         prefix = "would " if dry_run else ""

@@ -5,7 +5,9 @@ there directly, in overlayfs's whiteout form. Any other driver holds full
 trees: its snapshot is mounted (through its own mount records and the shared
 mounter, in a private directory under the state dir, unmounted after) and gets
 real deletes; a diff compares it with its parent layer mounted read-only.
-Everything runs under the state lock.
+An apply holds its clone's own lock and takes the state lock only for the
+clone's state changes, so other commands go on while it writes; a diff holds
+the state lock throughout (nothing may change what it reads).
 """
 
 from __future__ import annotations
