@@ -67,9 +67,40 @@ def storage_options(args: argparse.Namespace, driver: str) -> dict[str, str]:
     return found
 
 
-def open_storage(args: argparse.Namespace, driver: str | None = None) -> Any:
-    """The Storage of `driver` (default: --driver) in the --root state dir."""
+class DefaultDriver(str):
+    """The --driver nobody chose (neither the option nor MINIFS_DRIVER): a
+    snapshot that exists on exactly one other driver is found there."""
+
+
+def open_storage(
+    args: argparse.Namespace, driver: str | None = None, names: Sequence[str | None] = ()
+) -> Any:
+    """The Storage of `driver` (default: --driver) in the --root state dir;
+    `names` are the snapshots the command is about, looked up on every driver
+    when the driver was not chosen."""
     from minifs.storage import Storage
 
-    name = driver or args.driver
+    name = driver or _holder(args, [n for n in names if n])
     return Storage(name, args.root, storage_options(args, name))
+
+
+def _holder(args: argparse.Namespace, names: list[str]) -> str:
+    """--driver, or, when it is only the default, the one driver holding `names`."""
+    chosen = args.driver
+    if not isinstance(chosen, DefaultDriver) or not names:
+        return chosen
+    from minifs.state import StateDir
+    from minifs.store import Store
+
+    store = Store.existing(StateDir(args.root))
+    if store is None:
+        return chosen
+    try:
+        holders = store.drivers_of(names)
+    finally:
+        store.close()
+    if len(holders) > 1:
+        raise InvalidArgument(
+            f"{', '.join(names)}: on drivers {', '.join(holders)}; pass --driver to say which"
+        )
+    return holders[0] if holders else chosen

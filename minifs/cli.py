@@ -30,7 +30,7 @@ import os  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from typing import Any, NoReturn  # noqa: E402
 
-from minifs.arguments import open_storage, pairs, path  # noqa: E402
+from minifs.arguments import DefaultDriver, open_storage, pairs, path, storage_options  # noqa: E402
 from minifs.errors import MinifsError  # noqa: E402
 from minifs.output import ago, each, emit, error, human_size, shown, table  # noqa: E402
 
@@ -93,7 +93,7 @@ def _print_info(args: argparse.Namespace, info: Any) -> None:
 
 
 def cmd_clone(args: argparse.Namespace) -> int:
-    with open_storage(args) as storage:
+    with open_storage(args, names=[args.parent]) as storage:
         size = None
         if args.size is not None:
             from minifs.loopdisk import parse_size
@@ -113,7 +113,7 @@ def cmd_clone(args: argparse.Namespace) -> int:
 def cmd_view(args: argparse.Namespace) -> int:
     from minifs.images import resolve_layer
 
-    with open_storage(args) as storage:
+    with open_storage(args, names=[args.parent]) as storage:
         parent = resolve_layer(storage, args.parent)  # as for clone: a layer or an image
         info = storage.view(args.name, parent, pairs(args.label, "--label"))
         _print_info(args, info)
@@ -121,7 +121,7 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    with open_storage(args) as storage:
+    with open_storage(args, names=[args.clone]) as storage:
         info = storage.snapshot(args.clone, args.layer, pairs(args.label, "--label"), args.keep)
         _print_info(args, info)
     return 0
@@ -169,7 +169,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     if inspect_container(args):
         return 0
-    with open_storage(args) as storage:
+    with open_storage(args, names=[args.name]) as storage:
         info = _stat_either(storage, args.name)
         data = info.to_dict()
         data["mounts"] = [m.to_dict() for m in storage.mounts(args.name)]
@@ -180,7 +180,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    with open_storage(args) as storage:
+    with open_storage(args, names=[args.name]) as storage:
         usage = storage.usage(args.name)
     data = {"name": args.name, **usage.to_dict()}
     emit(
@@ -211,23 +211,23 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
     def remove(name: str) -> None:
         if not remove_container(args, name):
-            _stat_either(storage, name)
-            storage.remove(name)
+            with open_storage(args, names=[name]) as storage:  # each on its own driver
+                _stat_either(storage, name)
+                storage.remove(name)
         print(name)
 
-    with open_storage(args) as storage:
-        return each(args.names, remove)
+    return each(args.names, remove)
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    with open_storage(args) as storage:
+    with open_storage(args, names=[args.name]) as storage:
         info = storage.set_labels(args.name, pairs(args.labels, "label"))
     emit(args, info.to_dict(), lambda: print(json.dumps(info.labels)))
     return 0
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    with open_storage(args) as storage:
+    with open_storage(args, names=[args.name]) as storage:
         print(storage.mount(args.name, args.dir))
     return 0
 
@@ -457,8 +457,8 @@ class Parser(argparse.ArgumentParser):
             extra = message.partition(": ")[2]
             first = extra.split(" ", 1)[0]
             message = f"unknown option {first}" if first[:1] == "-" else f"unexpected {extra}"
-            if first.partition("=")[0] in ("--root", "--storage-opt"):
-                message += " (--root and --storage-opt go before the command)"
+            if first.partition("=")[0] in GLOBAL_OPTIONS:
+                message += " (for run and exec, global options go before the image)"
         where = self.prog.removeprefix("minifs").strip()
         text = f"{where}: {message}" if where else message
         self.exit(self.error_exit, f"minifs: error: {shown(text)}; see '{self.prog} --help'\n")
@@ -484,6 +484,41 @@ class _OnlyCommand:
             self.found = True
             return self.real.add_parser(name, **kwargs)
         return _Skipped()
+
+
+GLOBAL_OPTIONS = ("--root", "--storage-opt")
+PASSTHROUGH = ("run", "exec")
+"""Commands whose words after the first plain one (the image, the container)
+are the container's own command: global options are not looked for there."""
+
+
+def _hoisted(argv: Sequence[str]) -> list[str]:
+    """argv with global options moved where argparse reads them, so they may
+    stand before or after the command: --root and --storage-opt before it,
+    --driver/-d (each command's own option) after it. Words after `--`, and
+    for run and exec after the image or container, are left alone."""
+    words, front, moved, tail = list(argv), [], [], []
+    i = 0
+    command = None
+    while i < len(words):
+        word = words[i]
+        option, eq, _ = word.partition("=")
+        take = 1 if eq else 2
+        if option in GLOBAL_OPTIONS or (command is None and option in ("--driver", "-d")):
+            (front if option in GLOBAL_OPTIONS else moved).extend(words[i : i + take])
+            i += take
+            continue
+        if word == "--" or (command in PASSTHROUGH and not word.startswith("-")):
+            tail.extend(words[i:])
+            break
+        if command is None and not word.startswith("-"):
+            command = word
+        else:
+            (front if command is None else tail).append(word)
+        i += 1
+    if command is None:
+        return front + moved + tail
+    return [*front, command, *moved, *tail]
 
 
 def _command_word(argv: Sequence[str]) -> str | None:
@@ -677,33 +712,31 @@ def build_parser(command_word: str | None = None) -> argparse.ArgumentParser:
 def _from_environment() -> str:
     """The default driver: MINIFS_DRIVER (empty counts as unset), else overlay2."""
     chosen = os.environ.get("MINIFS_DRIVER")
-    return _FromEnv(chosen) if chosen else DEFAULT_DRIVER
-
-
-class _FromEnv(str):
-    """A --driver value that came from MINIFS_DRIVER, so an error about it can
-    name the variable: one set long ago is not where a user looks first."""
+    return chosen if chosen else DefaultDriver(DEFAULT_DRIVER)
 
 
 def _check_common(args: argparse.Namespace) -> None:
     """What every command relies on, checked before any command runs so each
-    fails the same way: a usable --root and, when it came from the
-    environment, a real driver name."""
+    fails the same way: a usable --root, a MINIFS_DRIVER that names a driver
+    (also for commands that take none: a typo there must not pass until the
+    next command that does), and well-formed --storage-opt values."""
     if args.command != "drivers":
         from minifs.state import StateDir
 
         StateDir(args.root).check()
-    driver = getattr(args, "driver", None)
-    if isinstance(driver, _FromEnv):
+    chosen = os.environ.get("MINIFS_DRIVER")
+    if chosen:
         from minifs.errors import NotFound
         from minifs.plugins import registered
 
         known = sorted(registered())
-        if driver not in known:
+        if chosen not in known:
             raise NotFound(
-                f"MINIFS_DRIVER={driver!r} names no driver; set it to one of "
+                f"MINIFS_DRIVER={chosen!r} names no driver; set it to one of "
                 f"{', '.join(known)} or unset it (see 'minifs drivers')"
             )
+    if args.storage_opt:
+        storage_options(args, "")  # each names a driver and one of its options
 
 
 def _interrupted(exc: BaseException) -> bool:
@@ -760,7 +793,7 @@ def _standard_streams() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _standard_streams()
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = _hoisted(sys.argv[1:] if argv is None else argv)
     args: argparse.Namespace | None = None
     try:
         args = build_parser(_command_word(argv)).parse_args(argv)

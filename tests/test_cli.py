@@ -312,3 +312,40 @@ def test_unknown_command_suggests_from_every_command():
     done = subprocess.run([MINIFS, "--root", "/x", "rnu"], capture_output=True, text=True)
     assert done.returncode == 2
     assert "unknown command 'rnu' (did you mean 'run'?)" in done.stderr
+
+
+def test_global_options_before_or_after_the_command(cli, root, tmp_path):
+    other = tmp_path / "other"
+    made = json.loads(cli("--driver", "vfs", "clone", "a", "--json", check=True).stdout)
+    assert made["driver"] == "vfs"
+    assert json.loads(cli("-d", "vfs", "ls", "--json", check=True).stdout)[0]["name"] == "a"
+    cli("clone", "b", "--root", str(other), "--storage-opt", "overlay2.backing=loop", check=True)
+    config = json.loads((other / "drivers" / "overlay2" / "config.json").read_text())
+    assert config["backing"] == "loop"
+    listed = json.loads(cli("ls", "--json", "--root", str(other)).stdout)
+    assert [r["name"] for r in listed] == ["b"]
+    cli("--root", str(other), "rm", "b", check=True)
+    cli("down", "--root", str(other), check=True)
+    cli("rm", "a", check=True)
+
+
+def test_a_name_on_one_driver_needs_no_driver(cli, root, tmp_path):
+    """As long as --driver is only the default: a snapshot on exactly one
+    driver is found there; on several, the user is asked which."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli("clone", "x", "-d", "vfs", check=True)
+    assert cli("mount", "x", str(mnt), check=True).stdout.strip() == str(mnt)
+    cli("umount", str(mnt), check=True)
+    cli("snapshot", "x", "L", check=True)
+    made = json.loads(cli("clone", "y", "--from", "L", "--json", check=True).stdout)
+    assert made["driver"] == "vfs"
+    assert json.loads(cli("inspect", "y", "--json", check=True).stdout)["driver"] == "vfs"
+    cli("clone", "y", "-d", "overlay2", check=True)
+    refused(cli("inspect", "y"), "y: on drivers overlay2, vfs", "--driver")
+    chosen = json.loads(cli("inspect", "y", "-d", "overlay2", "--json").stdout)
+    assert chosen["driver"] == "overlay2"
+    cli("rm", "y", "-d", "overlay2", check=True)
+    assert cli("rm", "y", "L", check=True).stdout.split() == ["y", "L"]  # each on its driver
+    assert json.loads(cli("ls", "--json", check=True).stdout) == []
+    cli("down", check=True)

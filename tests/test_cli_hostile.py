@@ -60,7 +60,7 @@ PARSER_ERRORS = [
     (("clone",), 2, ("clone: missing name", "'minifs clone --help'")),
     (("clone", "-x"), 2, ("clone: unknown option -x",)),
     (("clone", "a", "b"), 2, ("clone: unexpected b",)),
-    (("clone", "a", "--root", "/x"), 2, ("unknown option --root", "go before the command")),
+    (("run", "--name", "n", "--root", "/x", "busybox"), 125, ("unknown option --root", "image")),
     (("image",), 2, ("image: no command given",)),
     (("image", "nope"), 2, ("image: unknown command 'nope'", "'minifs image --help'")),
     (("image", "ls", "extra"), 2, ("image ls: unexpected extra",)),
@@ -150,6 +150,11 @@ def test_unreadable_metadata_store_is_left_alone(vfs: Cli, root: Path):
 def test_driver_from_the_environment_is_named(cli: Cli, root: Path):
     refused(cli("clone", "x", env={"MINIFS_DRIVER": "nope"}), "MINIFS_DRIVER='nope'", "unset")
     refused(cli("run", "busybox", env={"MINIFS_DRIVER": "nope"}), "MINIFS_DRIVER", code=125)
+    # Also where the command takes no driver: the typo shows now, not later.
+    for argv in (("ls",), ("gc",), ("check",), ("image", "ls"), ("ps",)):
+        refused(cli(*argv, env={"MINIFS_DRIVER": "nope"}), "MINIFS_DRIVER='nope'", "unset")
+        refused(cli("--storage-opt", "vfs.nope=1", *argv), "vfs has no option 'nope'")
+        refused(cli(*argv, "--storage-opt", "bogus"), "--storage-opt 'bogus'")
     assert not root.exists()
     # Empty counts as unset, as for MINIFS_ROOT: the default driver.
     made = json.loads(cli("clone", "x", "--json", env={"MINIFS_DRIVER": ""}, check=True).stdout)
@@ -164,7 +169,7 @@ def test_driver_from_the_environment_is_named(cli: Cli, root: Path):
         ("vfs", ".=", ("names no driver option",)),
         ("vfs", "overlay2.=x", ("names no driver option",)),
         ("vfs", "nope.x=1", ("no driver 'nope'",)),
-        ("vfs", "vfs.colour=red", ("vfs has no storage option colour",)),
+        ("vfs", "vfs.colour=red", ("vfs has no option 'colour'",)),
         ("vfs", "overlay2.sise=1G", ("overlay2 has no option 'sise'", "backing, size")),
         ("overlay2", "vfs.colour=red", ("vfs has no option 'colour'", "none")),
         ("overlay2", "overlay2.size=0", ("overlay2.size=0", "at least 1M")),

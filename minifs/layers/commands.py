@@ -60,7 +60,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     from minifs.layers.compression import Compressor
     from minifs.layers.snapshots import diff_of
 
-    with open_storage(args) as storage, _output(args.output) as out:
+    with open_storage(args, names=[args.name]) as storage, _output(args.output) as out:
         packed = Compressor(out, args.compress)
         stats = diff_of(storage, args.name, packed)  # type: ignore[arg-type]
         packed.finish()
@@ -88,7 +88,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         source = Path(args.file)
         if not source.is_file():
             raise NotFound(f"{source} is not a file; give a layer tar (plain, gzip or zstd)")
-    with open_storage(args) as storage:
+    with open_storage(args, names=[args.clone]) as storage:
         stats = apply_to(
             storage,
             args.clone,
