@@ -28,11 +28,14 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
-from typing import Any, NoReturn  # noqa: E402
 
 from minifs.arguments import DefaultDriver, open_storage, pairs, path, storage_options  # noqa: E402
 from minifs.errors import MinifsError  # noqa: E402
 from minifs.output import ago, each, emit, error, human_size, shown, table  # noqa: E402
+
+TYPE_CHECKING = False  # typing costs ~2 ms of every start; annotations only need it here
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 DEFAULT_DRIVER = "overlay2"
 
@@ -128,8 +131,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from minifs.filters import matches, parse_filters
     from minifs.state import StateDir
-    from minifs.storage import matches, parse_filters
     from minifs.store import Store
 
     filters = parse_filters(args.filter or [])
@@ -165,10 +168,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from minifs.container.commands import inspect_container
+    if _any_containers(args):
+        from minifs.container.commands import inspect_container
 
-    if inspect_container(args):
-        return 0
+        if inspect_container(args):
+            return 0
     with open_storage(args, names=[args.name]) as storage:
         info = _stat_either(storage, args.name)
         data = info.to_dict()
@@ -193,6 +197,18 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _any_containers(args: argparse.Namespace) -> bool:
+    """Whether the state dir has a container at all: only then is a name
+    looked up among them (the container modules cost ~14 ms to load)."""
+    from minifs.state import resolve_root
+
+    try:
+        with os.scandir(resolve_root(args.root) / "containers") as entries:
+            return next(entries, None) is not None
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
 def _stat_either(storage: Any, name: str) -> Any:
     """`storage.stat`, whose NotFound names both kinds `rm` and `inspect` take."""
     from minifs.errors import NotFound
@@ -207,10 +223,12 @@ def _stat_either(storage: Any, name: str) -> Any:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from minifs.container.commands import remove_container
+    containers = _any_containers(args)
+    if containers:
+        from minifs.container.commands import remove_container
 
     def remove(name: str) -> None:
-        if not remove_container(args, name):
+        if not (containers and remove_container(args, name)):
             with open_storage(args, names=[name]) as storage:  # each on its own driver
                 _stat_either(storage, name)
                 storage.remove(name)
@@ -390,6 +408,24 @@ class _Skipped:
         return lambda *args, **kwargs: self
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter, sized without importing shutil (with bz2 and lzma,
+    ~1.7 ms of every start: argparse makes a formatter for each option it
+    adds, to check its help). The same width shutil.get_terminal_size gives."""
+
+    def __init__(self, prog: str, **kwargs: Any) -> None:
+        if "width" not in kwargs:
+            try:
+                columns = int(os.environ["COLUMNS"])
+            except (KeyError, ValueError):
+                try:
+                    columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+                except (AttributeError, ValueError, OSError):
+                    columns = 80
+            kwargs["width"] = (columns or 80) - 2
+        super().__init__(prog, **kwargs)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with its errors in minifs's form: one line, what was wrong and
     where to look, no usage block (which runs to five lines for `run` and
@@ -403,6 +439,7 @@ class Parser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args: Any, error_exit: int = 2, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(*args, **kwargs)
         self.error_exit = error_exit
         self.set_defaults(error_exit=error_exit)
@@ -479,8 +516,12 @@ class _OnlyCommand:
         self.wanted = wanted
         self.found = False
 
+    def wants(self, name: str) -> bool:
+        """Whether subcommand `name` is to be built (to skip importing its module)."""
+        return self.wanted is None or name == self.wanted
+
     def add_parser(self, name: str, **kwargs: Any) -> Any:
-        if self.wanted is None or name == self.wanted:
+        if self.wants(name):
             self.found = True
             return self.real.add_parser(name, **kwargs)
         return _Skipped()
@@ -683,19 +724,21 @@ def build_parser(command_word: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--driver", "-d", default=None, help="only this driver (default: all)")
 
-    from minifs_bench.options import add_arguments as add_bench_arguments
+    if sub.wants("bench"):  # its module and the image's are only loaded for their command
+        from minifs_bench.options import add_arguments as add_bench_arguments
 
-    p = command(
-        "bench",
-        cmd_bench,
-        "measure drivers: create/delete latency, write amplification, lookups, inodes",
-        driver=False,
-    )
-    add_bench_arguments(p)
+        p = command(
+            "bench",
+            cmd_bench,
+            "measure drivers: create/delete latency, write amplification, lookups, inodes",
+            driver=False,
+        )
+        add_bench_arguments(p)
 
-    from minifs.images.commands import add_image_parser
+    if sub.wants("image"):
+        from minifs.images.commands import add_image_parser
 
-    add_image_parser(sub)
+        add_image_parser(sub)
 
     from minifs.layers.commands import add_layer_parser
 
@@ -727,14 +770,15 @@ def _check_common(args: argparse.Namespace) -> None:
     chosen = os.environ.get("MINIFS_DRIVER")
     if chosen:
         from minifs.errors import NotFound
-        from minifs.plugins import registered
+        from minifs.plugins import get_driver, registered
 
-        known = sorted(registered())
-        if chosen not in known:
+        try:
+            get_driver(chosen)
+        except NotFound:
             raise NotFound(
                 f"MINIFS_DRIVER={chosen!r} names no driver; set it to one of "
-                f"{', '.join(known)} or unset it (see 'minifs drivers')"
-            )
+                f"{', '.join(sorted(registered()))} or unset it (see 'minifs drivers')"
+            ) from None
     if args.storage_opt:
         storage_options(args, "")  # each names a driver and one of its options
 

@@ -13,12 +13,15 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from dataclasses import dataclass
+from collections import namedtuple
 from types import ModuleType
 
 
-@dataclass(frozen=True)
-class EntryPoint:
+class EntryPoint(namedtuple("EntryPoint", "name value dist version")):
+    """One entry point of the group (a named tuple: dataclasses costs ~6 ms
+    of every start, for `inspect`)."""
+
+    __slots__ = ()
     name: str
     value: str
     dist: str

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-from dataclasses import dataclass
+from collections import namedtuple
 from pathlib import Path
 
 # The interpreter's own symbols include libc; find_library would run ldconfig.
@@ -165,10 +165,10 @@ def mount_targets() -> list[str]:
     return [entry.target for entry in mountinfo()]
 
 
-@dataclass(frozen=True)
-class MountEntry:
+class MountEntry(namedtuple("MountEntry", "target options fstype source super_options")):
     """One line of /proc/self/mountinfo, the fields minifs reads."""
 
+    __slots__ = ()
     target: str
     options: tuple[str, ...]
     """Per-mount options (ro/rw, nosuid, ...)."""

@@ -9,7 +9,7 @@ of them as a list of `Mount` records and never mount on the caller's behalf.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from collections import namedtuple
 
 
 class Kind(enum.StrEnum):
@@ -41,20 +41,23 @@ class DriverKind(enum.StrEnum):
     ROW = "row"
 
 
-@dataclass(frozen=True)
-class Mount:
+class Mount(namedtuple("Mount", "type source options target", defaults=((), ""))):
     """One mount record: what `mount -t TYPE -o OPTIONS SOURCE TARGET` would do.
 
     `target` is a path inside the mount root ("" for the root itself), as in
     containerd. Overlay records list their lower directories with absolute
     paths; the mounter decides whether they fit `mount(2)` or need the new
     mount API, so the same record works for the CLI, the launcher and the bench.
+
+    The model's records are named tuples, not dataclasses: dataclasses loads
+    `inspect`, ~6 ms of every `minifs ls` (whose floor, Python itself, is ~16).
     """
 
+    __slots__ = ()
     type: str
     source: str
-    options: tuple[str, ...] = ()
-    target: str = ""
+    options: tuple[str, ...]
+    target: str
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -65,10 +68,10 @@ class Mount:
         }
 
 
-@dataclass(frozen=True)
-class Usage:
+class Usage(namedtuple("Usage", "size inodes")):
     """Bytes on disk and inodes of one snapshot itself, parents excluded."""
 
+    __slots__ = ()
     size: int
     inodes: int
 
@@ -76,23 +79,26 @@ class Usage:
         return {"size": self.size, "inodes": self.inodes}
 
 
-@dataclass(frozen=True)
-class Info:
-    """What the store knows about one snapshot."""
+_INFO_FIELDS = "id driver name kind parent parent_id labels created updated state pending"
 
+
+class Info(namedtuple("Info", _INFO_FIELDS, defaults=(None, 0.0, 0.0, State.READY, None))):
+    """What the store knows about one snapshot. `labels` is a dict (None when
+    built without any); `pending` is the layer name a COMMITTING row becomes,
+    or the diff_id an APPLYING or PARTIAL clone was being given."""
+
+    __slots__ = ()
     id: str
     driver: str
     name: str
     kind: Kind
     parent: str | None
     parent_id: str | None
-    labels: dict[str, str] = field(default_factory=dict)
-    created: float = 0.0
-    updated: float = 0.0
-    state: State = State.READY
-    pending: str | None = None
-    """The layer name a COMMITTING row becomes; the diff_id an APPLYING or
-    PARTIAL clone was being given."""
+    labels: dict[str, str]
+    created: float
+    updated: float
+    state: State
+    pending: str | None
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -102,7 +108,7 @@ class Info:
             "kind": self.kind.value,
             "parent": self.parent,
             "parent_id": self.parent_id,
-            "labels": dict(self.labels),
+            "labels": dict(self.labels or {}),
             "created": self.created,
             "updated": self.updated,
             "state": self.state.value,

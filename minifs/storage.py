@@ -18,7 +18,6 @@ import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from minifs import failpoints, linux, mounter
@@ -33,6 +32,7 @@ from minifs.errors import (
     NotSupported,
     TooManyLayers,
 )
+from minifs.filters import matches
 from minifs.model import Info, Kind, Mount, State, Usage
 from minifs.plugins import get_driver
 from minifs.resources import owner_alive
@@ -70,51 +70,16 @@ def check_labels(labels: Mapping[str, str]) -> None:
             )
 
 
-def parse_filters(filters: Sequence[str]) -> dict[str, str]:
-    """`kind=layer`, `parent=NAME`, `label.KEY=VALUE`, `name=NAME` (all must hold).
-
-    A kind that cannot exist is refused, as `docker ps --filter status=bogus`
-    is: matching nothing would pass for "there are none".
-    """
-    parsed = {}
-    kinds = "|".join(k.value for k in Kind)
-    for item in filters:
-        key, sep, value = item.partition("=")
-        if not sep or not (key in ("kind", "parent", "name") or key.startswith("label.")):
-            raise InvalidArgument(
-                f"bad filter {item!r}; use kind={kinds}, parent=NAME, name=NAME or label.KEY=VALUE"
-            )
-        if key == "kind" and value not in {k.value for k in Kind}:
-            raise InvalidArgument(f"bad filter {item!r}; a kind is one of {kinds}")
-        if key == "label.":
-            raise InvalidArgument(f"bad filter {item!r}; name the label: label.KEY=VALUE")
-        parsed[key] = value
-    return parsed
-
-
-def matches(info: Info, filters: Mapping[str, str]) -> bool:
-    for key, value in filters.items():
-        if key == "kind" and info.kind.value != value:
-            return False
-        if key == "parent" and info.parent != value:
-            return False
-        if key == "name" and info.name != value:
-            return False
-        if key.startswith("label.") and info.labels.get(key[6:]) != value:
-            return False
-    return True
-
-
-@dataclass
 class GcReport:
     """What `gc` did (or, with --dry-run, would do), and what it cannot fix:
     damaged snapshots and partly applied clones wait for the user."""
 
-    recovered: list[str] = field(default_factory=list)
-    orphans: list[str] = field(default_factory=list)
-    stale_mounts: list[str] = field(default_factory=list)
-    damaged: list[str] = field(default_factory=list)
-    partial: list[str] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.recovered: list[str] = []
+        self.orphans: list[str] = []
+        self.stale_mounts: list[str] = []
+        self.damaged: list[str] = []
+        self.partial: list[str] = []
 
     def to_dict(self) -> dict[str, list[str]]:
         return {
@@ -137,16 +102,17 @@ def partial_advice(info: Info) -> str:
     )
 
 
-@dataclass
 class CheckReport:
-    """What `minifs check` finds on one driver; empty lists mean consistent."""
+    """What `minifs check` finds on one driver; empty lists mean consistent.
+    (Plain classes, not dataclasses: those cost ~6 ms of every start.)"""
 
-    damaged: list[str] = field(default_factory=list)
-    """What is wrong with each damaged snapshot, and what stands on it."""
-    partial: list[str] = field(default_factory=list)
-    orphans: list[str] = field(default_factory=list)
-    unfinished: list[str] = field(default_factory=list)
-    stale_mounts: list[str] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.damaged: list[str] = []
+        """What is wrong with each damaged snapshot, and what stands on it."""
+        self.partial: list[str] = []
+        self.orphans: list[str] = []
+        self.unfinished: list[str] = []
+        self.stale_mounts: list[str] = []
 
     def to_dict(self) -> dict[str, list[str]]:
         return {

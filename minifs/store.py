@@ -29,7 +29,6 @@ import json
 import os
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,7 +77,7 @@ _COLUMNS = (
 
 def new_id() -> str:
     """A stable, random snapshot id (also the driver's directory name)."""
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def _info(row: tuple) -> Info:
@@ -522,7 +521,7 @@ def _make_schema(db: sqlite3.Connection) -> None:
         if statement.strip():
             db.execute(statement)
     db.execute(
-        "INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)", (uuid.uuid4().hex,)
+        "INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)", (os.urandom(16).hex(),)
     )
     db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 

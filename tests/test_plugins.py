@@ -145,3 +145,17 @@ def test_conformance_passes_on_plugin(plugin_site, tmp_path):
     builtin = [line for line in collected.stdout.splitlines() if "::" in line]
     assert counts == {"tests": len(builtin), "failures": 0, "errors": 0, "skipped": 0}
     assert f"{len(builtin)} passed" in done.stdout.splitlines()[-1]
+
+
+def test_the_hookimpl_mark_is_pluggys_own():
+    """minifs marks hook implementations without importing pluggy; the mark
+    must stay exactly what pluggy's own marker sets, or plugins would not load."""
+    import pluggy
+
+    from minifs.hookspecs import hookimpl
+
+    def ours() -> None: ...
+
+    def theirs() -> None: ...
+
+    assert hookimpl(ours).minifs_impl == pluggy.HookimplMarker("minifs")(theirs).minifs_impl

@@ -10,7 +10,6 @@ A layer already there, from this image or another sharing its base, is reused.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from minifs import failpoints
@@ -181,13 +180,15 @@ class Catalog:
             return unused
 
 
-@dataclass
 class RemoveReport:
-    name: str
-    digest: str
-    layers: list[str] = field(default_factory=list)
-    removed_layers: dict[str, list[str]] = field(default_factory=dict)
-    removed_blobs: list[str] = field(default_factory=list)
+    """What `minifs image rm` untagged, and the layers and blobs that went with it."""
+
+    def __init__(self, name: str, digest: str) -> None:
+        self.name = name
+        self.digest = digest
+        self.layers: list[str] = []
+        self.removed_layers: dict[str, list[str]] = {}
+        self.removed_blobs: list[str] = []
 
     def to_dict(self) -> dict[str, object]:
         return {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass
+from collections import namedtuple
 
 from minifs.errors import InvalidArgument, NotFound
 from minifs.store import Store
@@ -27,8 +27,10 @@ stored under a name no other tool can use."""
 MAX_NAME = 255
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(namedtuple("Record", "name digest created")):
+    """One image name, the manifest it points at, and when it was set."""
+
+    __slots__ = ()
     name: str
     digest: str
     created: float
