@@ -1,0 +1,74 @@
+"""`minifs report FILES… [--out DIR]`: bench results as PNG plots, one
+self-contained HTML page and a terminal summary with findings in words.
+
+Only argparse is imported to build the parser; matplotlib (over a second to
+import) is loaded when the command runs, so no other command pays for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+DEFAULT_OUT = "results/report"
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path  # not at the top: ~4 ms that every other command would pay
+
+    from rich.console import Console
+
+    from minifs.errors import InvalidArgument
+    from minifs.output import error
+    from minifs.report.runs import entries, load
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InvalidArgument(f"--out {out} is not a directory; name a directory for the report")
+    loaded = load([Path(f) for f in args.files])
+    if not loaded.results:  # one line per file still; the last is the command's error
+        for reason in loaded.refused[:-1]:
+            error(reason)
+        raise InvalidArgument(loaded.refused[-1])
+    for reason in loaded.refused:
+        error(reason)
+    from minifs.report import page, plots
+    from minifs.report.findings import findings
+    from minifs.report.summary import print_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    series = entries(loaded.results)
+    found = {r.path: findings(r) for r in loaded.results}
+    drawn = plots.write(series, out)
+    html = out / "report.html"
+    tmp = out / f".report.html.{os.getpid()}.tmp"
+    tmp.write_text(page.render(loaded.results, series, drawn, found, loaded.refused))
+    os.replace(tmp, html)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # piped into a log: do not fold the table to 80 columns
+    print_report(console, loaded.results, series, found, [html, *(path for _, path in drawn)])
+    return 2 if loaded.refused else 0
+
+
+def add_report_parser(sub: Any) -> None:
+    """Add `report` to the top-level subparsers `sub`."""
+    from minifs.arguments import path
+
+    help = "plot bench results: PNGs, one HTML page and findings in words"
+    p = sub.add_parser(
+        "report",
+        help=help,
+        description=help + ". Several files (drivers, runs, machines) are shown side by side.",
+    )
+    p.set_defaults(func=cmd_report)
+    p.add_argument("files", nargs="+", metavar="FILE", type=path, help="results JSON files")
+    p.add_argument(
+        "--out",
+        "-o",
+        default=DEFAULT_OUT,
+        metavar="DIR",
+        type=path,
+        help=f"directory for report.html and the PNGs (default {DEFAULT_OUT})",
+    )
