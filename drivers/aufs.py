@@ -47,6 +47,10 @@ class AufsDriver(Driver):
     backend = "unionfs-fuse"
     max_depth = aufs_fuse.MAX_BRANCHES - 1
     """Lower branches a clone may have: its own writable branch is one more."""
+    xattrs = False
+    copy_up_mtime_ns = 10**9  # unionfs-fuse sets a copied-up file's times with utime()
+    """Debian's unionfs-fuse 1.0 is built without xattr support (and its
+    copy-up would not carry them): every xattr write fails with EOPNOTSUPP."""
 
     def __init__(self, home: Path, options: Mapping[str, str] | None = None) -> None:
         # Refused before the state dir or this home is made.

@@ -72,6 +72,16 @@ class Driver(abc.ABC):
     """What to format a dedicated disk with (the benchmark's) before putting this
     driver's state dir on it; None when the driver takes the block device itself
     through its `device` storage option (a zpool, a thin pool)."""
+    xattrs: ClassVar[bool] = True
+    """Whether a clone keeps extended attributes (file capabilities, ACLs,
+    user.*). A backend without them (unionfs-fuse) fails each write of one
+    with EOPNOTSUPP, so a layer tar that carries one is refused; the shared
+    suite leaves xattrs out for such a driver and tests everything else."""
+    copy_up_mtime_ns: ClassVar[int] = 1
+    """The resolution a file's mtime keeps when a metadata change (chmod,
+    chown, a hard link) copies it up from a lower layer: 1 ns, or whole
+    seconds where the engine copies times with utime() (unionfs-fuse). Layer
+    tars keep seconds either way."""
     size_limit: ClassVar[str | None] = None
     """How this driver caps one clone's size (`minifs clone --size`, `minifs run
     --size`), e.g. "zfs refquota"; None when it cannot, and then `size_refusal`

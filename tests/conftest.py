@@ -51,6 +51,12 @@ def driver_params() -> list:
     return params
 
 
+def keeps_xattrs(driver: str) -> bool:
+    """Whether `driver`'s clones keep xattrs (Driver.xattrs): the shared tests
+    write and expect none on a driver without them, and test everything else."""
+    return registered()[driver].driver.xattrs
+
+
 BackendFactory = Callable[[Path], AbstractContextManager[dict[str, str]]]
 """Makes what one driver's backend needs outside minifs in a scratch dir and
 yields the storage options that use it; undoes that on exit (after the driver
