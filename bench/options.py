@@ -52,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default auto: what the run needs, at least 2G; the image is sparse)",
     )
     parser.add_argument(
+        "--cli",
+        action="store_true",
+        help="time whole minifs commands (run, clone+rm, ls, --help) beside runc, containerd, "
+        "docker and python instead of the drivers; --runs R sets the rounds",
+    )
+    parser.add_argument(
         "--out",
         default=None,
         metavar="FILE",

@@ -136,6 +136,10 @@ def _measure(session: Session, settings: Settings, entry: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.cli:
+        from minifs_bench.cli_timing import main as time_commands
+
+        return time_commands(args)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
