@@ -35,9 +35,10 @@ from minifs.container.spec import CPU_PERIOD_US, Limits
 
 PARENT_ENV = "MINIFS_CGROUP_PARENT"
 DEFAULT_PARENT = "minifs"
-V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids")
+V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "devices")
 """v1 controllers a container gets a directory in: the three limits, plus
-cpuacct for the usage counter where it is a hierarchy of its own."""
+cpuacct for the usage counter where it is a hierarchy of its own, and devices
+for the nodes it may open (see devices.py)."""
 V2_CONTROLLERS = ("cpu", "memory", "pids")
 """On v2 the usage counter (cpu.stat) is in every cgroup: no cpuacct."""
 

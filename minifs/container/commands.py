@@ -16,8 +16,18 @@ from typing import Any
 
 def cmd_run(args: argparse.Namespace) -> int:
     from minifs.container.launch import run, run_detached
+    from minifs.container.security import Security
     from minifs.container.spec import Limits, Spec, parse_env
 
+    security, profile = Security.parse(
+        cap_add=args.cap_add,
+        cap_drop=args.cap_drop,
+        privileged=args.privileged,
+        security_opt=args.security_opt,
+        read_only=args.read_only,
+        tmpfs=args.tmpfs,
+        user=args.user,
+    )
     spec = Spec(
         image=args.image,
         command=list(args.command),
@@ -34,6 +44,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         remove=args.rm,
         detach=args.detach,
         trace=args.trace,
+        security=security,
+        seccomp_profile=profile,
     )
     if args.detach:
         print(run_detached(spec, args.root))
@@ -164,6 +176,30 @@ def add_container_parser(sub: argparse._SubParsersAction, default_driver: str) -
     p.add_argument("-e", "--env", action="append", metavar="KEY=VALUE")
     p.add_argument("-w", "--workdir", metavar="DIR", help="working directory inside")
     p.add_argument("--trace", action="store_true", help="print each launch step with its duration")
+    p.add_argument(
+        "--cap-add",
+        action="append",
+        metavar="CAP",
+        help="add a capability (or ALL) to the default 14",
+    )
+    p.add_argument("--cap-drop", action="append", metavar="CAP", help="drop a capability (or ALL)")
+    p.add_argument(
+        "--privileged",
+        action="store_true",
+        help="DANGEROUS: every capability, all devices, writable /proc/sys and /sys, no "
+        "seccomp; the container's root is the host's root",
+    )
+    p.add_argument(
+        "--security-opt",
+        action="append",
+        metavar="OPT",
+        help="no-new-privileges, seccomp=PROFILE.json (Docker's format) or seccomp=unconfined",
+    )
+    p.add_argument("--read-only", action="store_true", help="mount the root filesystem read-only")
+    p.add_argument(
+        "--tmpfs", action="append", metavar="DIR", help="a writable tmpfs on DIR, e.g. /tmp"
+    )
+    p.add_argument("-u", "--user", metavar="UID[:GID]", help="run the command as this user")
     p.add_argument("image", metavar="IMAGE", help="image or layer name")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="CMD", help="command and args")
 

@@ -39,14 +39,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from minifs import linux
-from minifs.container import ContainerError, records, rootfs
+from minifs.container import ContainerError, devices, records, rootfs
 from minifs.container.cgroups import Cgroup
 from minifs.container.lifecycle import clone, create, finish, open_storage
 from minifs.container.process import (
     DEFAULT_PATH,
     FORWARDED,
     close_fds_but,
-    execute,
+    confine_and_exec,
     exit_code,
     report,
     reported,
@@ -54,6 +54,7 @@ from minifs.container.process import (
     which,
 )
 from minifs.container.records import Container
+from minifs.container.security import Security, resolve_user
 from minifs.container.spec import Spec
 from minifs.container.trace import Trace
 from minifs.errors import MinifsError
@@ -84,6 +85,8 @@ class Launch:
         self.spec = spec
         self.trace = trace
         self.cgroup = Cgroup.from_record(container.cgroup)
+        assert spec.security is not None  # Spec.check filled it in
+        self.security: Security = spec.security
         self.unshare_pid: int | None = None
         self.pid1: int | None = None
         self._pipes: dict[str, int] = {}
@@ -97,6 +100,9 @@ class Launch:
         assert self.cgroup is not None
         with self.trace.step("cgroup") as said:
             said.extend(self.cgroup.create(self.spec.limits))
+        if not self.security.privileged:
+            with self.trace.step("devices") as said:
+                said.extend(devices.restrict(self.cgroup.dir("devices")))
         if c.net == "bridge":
             from minifs.container import network  # with its pyroute2, only for a bridge
 
@@ -254,6 +260,16 @@ class Launch:
             os.setsid()
             with t.step("mount") as said:  # while the monitor still clones
                 said.append(rootfs.make_private())
+            confine = None
+            if self.spec.seccomp_profile is not None:
+                from minifs.container import seccomp
+
+                with t.step("seccomp") as said:  # made now, loaded just before exec
+                    cache = Path(c.root) / seccomp.CACHE_DIR
+                    confine = seccomp.prepare(
+                        self.spec.seccomp_profile, self.security.capabilities, cache
+                    )
+                    said.append(confine.made)
             resolv_conf = rootfs.host_resolv_conf()
             chunks = []
             while chunk := os.read(go_r, 4096):
@@ -283,20 +299,31 @@ class Launch:
                 said.append(rootfs.mount_proc())
             with t.step("umount old") as said:
                 said.append(rootfs.drop_old_root())
+            sec = self.security
             with t.step("mount dev") as said:
                 said.append(rootfs.mount_dev())
-                said.append(rootfs.mount_sys())
+                said.append(rootfs.mount_sys_writable() if sec.privileged else rootfs.mount_sys())
+            if not sec.privileged:
+                with t.step("mask /proc") as said:
+                    said.append(rootfs.read_only_paths(sec.read_only_paths))
+                    said.append(rootfs.mask_paths(sec.masked_paths))
             with t.step("hostname") as said:
                 said.append(rootfs.set_hostname(c.hostname))
                 said.append(rootfs.write_etc(c.hostname, lease and lease["ip"], resolv_conf))
             command, env = order["command"], order["env"]
             os.makedirs(order["workdir"], exist_ok=True)
+            if sec.tmpfs:
+                with t.step("tmpfs") as said:
+                    said.append(rootfs.mount_tmpfs(sec.tmpfs))
+            if sec.read_only:
+                with t.step("read-only") as said:
+                    said.append(rootfs.read_only_root())
             os.chdir(order["workdir"])
             path = which(command[0], env.get("PATH", DEFAULT_PATH))
+            user = resolve_user(sec.user) if sec.user is not None else None
             close_fds_but(err_w, t.fd)
             reset_signals()
-            t.say("exec", time.perf_counter(), f"exec {' '.join(command)}")
-            execute(path, command, env)
+            confine_and_exec(sec, user, confine, t, path, command, env)
         except BaseException as exc:
             report(err_w, exc)
         os._exit(127)

@@ -101,6 +101,7 @@ def create(storage: Storage, spec: Spec) -> Container:
         monitor_start=process_start_time(os.getpid()),
     )
     container.hostname = spec.hostname or container.id[:12]
+    container.security = spec.security.to_record() if spec.security else None
     if spec.net == "bridge":
         from minifs.container import network
 

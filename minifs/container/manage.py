@@ -15,6 +15,7 @@ import contextlib
 import os
 import signal
 import time
+from pathlib import Path
 from typing import NoReturn
 
 from minifs import linux
@@ -25,6 +26,7 @@ from minifs.container.process import (
     DEFAULT_PATH,
     FORWARDED,
     close_fds_but,
+    confine_and_exec,
     execute,
     exit_code,
     report,
@@ -33,6 +35,8 @@ from minifs.container.process import (
     which,
 )
 from minifs.container.records import Container
+from minifs.container.security import Security, resolve_user
+from minifs.container.trace import Trace
 from minifs.errors import InUse, NotFound
 from minifs.output import span
 
@@ -182,6 +186,15 @@ def _joiner(
 ) -> NoReturn:
     try:
         linux.set_parent_death_signal(signal.SIGKILL)
+        sec = Security.from_record(c.security)
+        confine = None
+        if sec is not None and sec.seccomp is not None:
+            from minifs.container import seccomp  # before setns: it finds libseccomp on the host
+
+            source = None if sec.seccomp == "default" else sec.seccomp
+            profile = seccomp.load(source)
+            cache = Path(c.root) / seccomp.CACHE_DIR
+            confine = seccomp.prepare(profile, sec.capabilities, cache)  # type: ignore[arg-type]
         cgroup = Cgroup.from_record(c.cgroup)
         if cgroup is not None:
             cgroup.join(os.getpid())
@@ -195,7 +208,10 @@ def _joiner(
             path = which(argv[0], env.get("PATH", DEFAULT_PATH))
             close_fds_but(err_w)
             reset_signals()
-            execute(path, argv, env)
+            if sec is None:  # a container started before minifs confined them
+                execute(path, argv, env)
+            user = resolve_user(sec.user) if sec.user is not None else None
+            confine_and_exec(sec, user, confine, Trace(False, -1), path, argv, env)
         os.write(pid_w, f"{inner}\n".encode())
         # Not close_fds_but(): /proc here is the container's, where we have no pid.
         os.close(pid_w)

@@ -13,10 +13,16 @@ import contextlib
 import errno
 import os
 import signal
-from typing import NoReturn
+import time
+from typing import TYPE_CHECKING, NoReturn
 
-from minifs.container import ContainerError
+from minifs.container import ContainerError, capabilities
 from minifs.errors import MinifsError
+
+if TYPE_CHECKING:
+    from minifs.container.seccomp import Filter
+    from minifs.container.security import Security
+    from minifs.container.trace import Trace
 
 FORWARDED = (
     signal.SIGINT,
@@ -87,6 +93,32 @@ def execute(path: str, argv: list[str], env: dict[str, str]) -> NoReturn:
         if code == NOT_FOUND:
             text = "its #! interpreter or loader is not in the image"
         raise _error(code, f"{path}: {text}") from None
+
+
+def confine_and_exec(
+    sec: Security,
+    user: tuple[int, int] | None,
+    confine: Filter | None,
+    t: Trace,
+    path: str,
+    command: list[str],
+    env: dict[str, str],
+) -> NoReturn:
+    """The last steps before exec, in runc's order: capabilities, the user,
+    no_new_privs, and the seccomp filter at the very end, so that nothing of
+    minifs's own runs under it. Shared by `run`'s PID 1 and `exec`."""
+    with t.step("capabilities") as said:
+        said.append(capabilities.limit(sec.capabilities))
+        if user is not None:
+            said.append(capabilities.become(*user))
+    if sec.no_new_privileges:
+        with t.step("no_new_privs") as said:
+            said.append(capabilities.no_new_privileges())
+    if confine is not None:
+        with t.step("seccomp") as said:
+            said.append(confine.load())
+    t.say("exec", time.perf_counter(), f"exec {' '.join(command)}")
+    execute(path, command, env)
 
 
 def close_fds_but(*keep: int) -> None:

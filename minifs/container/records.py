@@ -58,6 +58,8 @@ class Container:
     netns: str | None = None
     veth: str | None = None
     cgroup: dict[str, object] | None = None
+    security: dict[str, object] | None = None
+    """Security.to_record(): capabilities, seccomp, masks, devices, user..."""
     status: str = CREATED
     monitor_pid: int | None = None
     monitor_start: int | None = None

@@ -119,6 +119,61 @@ def mount_sys() -> str:
     return "mount -t sysfs -o ro sysfs /sys"
 
 
+def mount_sys_writable() -> str:
+    """`--privileged`: sysfs read-write, as Docker gives a privileged container."""
+    os.makedirs("/sys", exist_ok=True)
+    linux.mount("sysfs", "/sys", "sysfs", _NOSUID_NODEV_NOEXEC)
+    return "mount -t sysfs sysfs /sys"
+
+
+def read_only_paths(paths: Sequence[str]) -> str:
+    """Bind each path on itself and remount the bind read-only: /proc/sys and
+    friends stay readable, but a write fails with EROFS even for root, and
+    without CAP_SYS_ADMIN (and with seccomp) nobody inside can undo it."""
+    done = []
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        linux.mount(path, path, None, linux.MS_BIND | linux.MS_REC)
+        flags = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | _NOSUID_NODEV_NOEXEC
+        linux.mount(path, path, None, flags)
+        done.append(path)
+    return f"mount -o bind,remount,ro {' '.join(done)}"
+
+
+def mask_paths(paths: Sequence[str]) -> str:
+    """runc's masking: /dev/null bound over a file, an empty read-only tmpfs
+    over a directory, so both read as empty. Paths this kernel lacks are skipped."""
+    done = []
+    for path in paths:
+        try:
+            is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+        except OSError:
+            continue
+        if is_dir:
+            linux.mount("tmpfs", path, "tmpfs", _NOSUID_NODEV_NOEXEC | linux.MS_RDONLY)
+        else:
+            linux.mount("/dev/null", path, None, linux.MS_BIND)
+        done.append(path)
+    return f"mount --bind /dev/null or tmpfs -o ro over {' '.join(done)}"
+
+
+def mount_tmpfs(paths: Sequence[str]) -> str:
+    """`--tmpfs DIR`: a writable tmpfs, Docker's options (nosuid, nodev,
+    noexec, 64M), also for a read-only root's /tmp or /run."""
+    for path in paths:
+        os.makedirs(path, exist_ok=True)
+        linux.mount("tmpfs", path, "tmpfs", _NOSUID_NODEV_NOEXEC, "mode=1777,size=65536k")
+    return f"mount -t tmpfs tmpfs {' '.join(paths)}"
+
+
+def read_only_root() -> str:
+    """`--read-only`: remount the clone's bind at / read-only; /proc, /dev,
+    /sys and any --tmpfs are mounts of their own and keep their flags."""
+    linux.mount("/", "/", None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
+    return "mount -o bind,remount,ro /"
+
+
 def _replace(path: str, text: str) -> None:
     """Write a file the image may hold as a symlink pointing anywhere."""
     with contextlib.suppress(FileNotFoundError):

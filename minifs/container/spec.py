@@ -9,11 +9,15 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from minifs.container import ContainerError
 from minifs.errors import InvalidArgument
 from minifs.loopdisk import parse_size
+
+if TYPE_CHECKING:
+    from minifs.container.seccomp import Profile
+    from minifs.container.security import Security
 
 MIN_MEMORY = 6 * 1024 * 1024
 """docker's floor: below about 6 MiB not even a shell starts, so the container
@@ -112,8 +116,16 @@ class Spec:
     remove: bool = False
     detach: bool = False
     trace: bool = False
+    security: Security | None = None
+    """None: Docker's defaults, filled in by `check`."""
+    seccomp_profile: Profile | None = None
+    """The checked profile `security.seccomp` names; None when unconfined."""
 
     def check(self) -> None:
+        if self.security is None:
+            from minifs.container.security import Security
+
+            self.security, self.seccomp_profile = Security.parse()
         if self.name is not None and not re.fullmatch(NAME_PATTERN, self.name):
             raise ContainerError(
                 f"invalid container name {self.name!r}; use letters, digits and _.- "
