@@ -210,6 +210,7 @@ def test_exec_inspect_and_trace_show_the_same_confinement(minifs: Run) -> None: 
     for step in ("devices", "mask", "capabilities", "seccomp"):
         assert step in steps, traced.stderr
     assert steps.index("exec") - 1 == len(steps) - 1 - steps[::-1].index("seccomp")  # last
+    assert "cached in" in traced.stderr  # compiled by an earlier container of this state dir
 
 
 def test_ping_on_the_bridge_still_works(

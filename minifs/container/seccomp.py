@@ -16,6 +16,7 @@ become one rule each (libseccomp would refuse them in one rule).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -218,17 +219,18 @@ def prepare(profile: Profile, caps: list[str], cache: Path | None) -> Filter:
     key.update(" ".join([*caps, *os.uname()]).encode())
     path = None if cache is None else cache / f"{key.hexdigest()[:32]}.bpf"
     if path is not None:
-        try:
-            return Filter(profile.source, path.read_bytes(), f"cached in {path}")
-        except FileNotFoundError:
-            pass
+        with contextlib.suppress(OSError):
+            program = path.read_bytes()
+            if program and len(program) % 8 == 0:  # whole sock_filter entries
+                return Filter(profile.source, program, f"cached in {path}")
     compiler = _Compiler(profile, caps)
     program = compiler.program
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}")
-        tmp.write_bytes(program)
-        os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # a read-only state dir only costs the cache
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}")
+            tmp.write_bytes(program)
+            os.replace(tmp, path)
     return Filter(profile.source, program, f"{compiler.count} rules compiled by libseccomp")
 
 
