@@ -13,13 +13,10 @@ image that the driver brings up in `start()` and `minifs down` takes down.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import functools
 import os
-import shutil
 import stat
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -44,8 +41,12 @@ def _image_size(text: str) -> int:
     return image_size(text, "overlay2.size", MIN_IMAGE_SIZE, "mkfs.ext4's own metadata")
 
 
+_B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+"""Docker's `l/` link names: 26 characters of base32."""
+
+
 def _short_name() -> str:
-    return base64.b32encode(os.urandom(16)).decode()[:26]
+    return "".join(_B32[byte % 32] for byte in os.urandom(26))  # 256 % 32 == 0: uniform
 
 
 @functools.cache
@@ -126,6 +127,9 @@ class Overlay2Driver(Driver):
     @staticmethod
     def _upper_works(where: Path) -> bool:
         """Try a tiny overlay mount with its upper dir on `where`'s filesystem."""
+        import shutil  # here only: a home is probed once, at its first start
+        import tempfile
+
         probe = Path(tempfile.mkdtemp(prefix=".probe-", dir=where))
         try:
             for sub in ("lower", "upper", "work", "merged"):
