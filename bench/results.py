@@ -15,6 +15,11 @@ Schema `minifs-bench` version 1, top level:
 Version 1 grew fields over time (the idle-flush baseline and `*_net` bytes of
 amplification came later): the reader takes what a file has and leaves the
 rest None, so an old reference run still reads.
+
+`minifs bench --cli` (minifs_bench.cli_timing) writes schema
+`minifs-bench-cli` version 1: whole commands timed beside their peers (its
+module docstring lists the keys). `read` takes either kind and returns a
+BenchResult or a CliTiming; `load` and `parse` are the storage bench's alone.
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ SCHEMA = "minifs-bench"
 SCHEMA_VERSION = 1
 KNOWN_VERSIONS = (1,)
 """Versions this reader understands; a file of any other is refused by name."""
+CLI_SCHEMA = "minifs-bench-cli"
+CLI_SCHEMA_VERSION = 1
+CLI_KNOWN_VERSIONS = (1,)
+"""The same for `minifs bench --cli` files (its writer, cli_timing, spells the
+same name and version; a test holds the two together)."""
 
 
 def new_document(settings: dict, machine: dict, source: dict, command: list[str]) -> dict:
@@ -100,6 +110,17 @@ class ResultError(InvalidArgument, ValueError):
 def load(path: Path) -> dict:
     """Read a results file as a dict, refusing one that is not JSON, of another
     schema or of a version this reader does not know."""
+    doc = _document(path)
+    if doc.get("schema") != SCHEMA:
+        raise ResultError(
+            f"{path} is not a minifs bench result (no schema {SCHEMA!r}); "
+            "name a file 'minifs bench' wrote"
+        )
+    return _checked(doc, path, SCHEMA_VERSION, KNOWN_VERSIONS)
+
+
+def _document(path: Path) -> dict:
+    """The JSON object in `path`, or a one-line ResultError."""
     try:
         doc = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -110,21 +131,27 @@ def load(path: Path) -> dict:
         raise ResultError(
             f"{path} is not a minifs bench result (not JSON); name a file 'minifs bench' wrote"
         ) from None
-    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+    if not isinstance(doc, dict):
         raise ResultError(
-            f"{path} is not a minifs bench result (no schema {SCHEMA!r}); "
+            f"{path} is not a minifs bench result (not a JSON object); "
             "name a file 'minifs bench' wrote"
         )
+    return doc
+
+
+def _checked(doc: dict, path: Path, current: int, known: tuple[int, ...]) -> dict:
+    """`doc` if this reader knows its schema version; a one-line ResultError
+    saying whether to upgrade minifs otherwise."""
     version = doc.get("schema_version")
-    if version not in KNOWN_VERSIONS:
-        if isinstance(version, int) and version > SCHEMA_VERSION:
+    if version not in known:
+        if isinstance(version, int) and version > current:
             raise ResultError(
-                f"{path} has schema version {version}; this minifs reads "
-                f"{SCHEMA_VERSION}: upgrade minifs"
+                f"{path} has {doc['schema']} schema version {version}; this minifs reads "
+                f"{current}: upgrade minifs"
             )
         raise ResultError(
-            f"{path} has unknown schema version {version!r}; this minifs reads "
-            f"{', '.join(map(str, KNOWN_VERSIONS))}"
+            f"{path} has unknown schema version {version!r} ({doc['schema']}); this minifs "
+            f"reads {', '.join(map(str, known))}"
         )
     return doc
 
@@ -377,9 +404,18 @@ class BenchResult:
         return {m for d in self.drivers.values() for m in d.metrics()}
 
 
-def read(path: Path) -> BenchResult:
-    """A results file, typed; ResultError (one line naming the file) otherwise."""
-    return parse(load(path), Path(path))
+def read(path: Path) -> BenchResult | CliTiming:
+    """A results file of either kind, typed; ResultError (one line naming the
+    file) otherwise."""
+    doc = _document(path)
+    if doc.get("schema") == CLI_SCHEMA:
+        return parse_cli(_checked(doc, path, CLI_SCHEMA_VERSION, CLI_KNOWN_VERSIONS), Path(path))
+    if doc.get("schema") != SCHEMA:
+        raise ResultError(
+            f"{path} is not a minifs bench result (no schema {SCHEMA!r} or {CLI_SCHEMA!r}); "
+            "name a file 'minifs bench' or 'minifs bench --cli' wrote"
+        )
+    return parse(_checked(doc, path, SCHEMA_VERSION, KNOWN_VERSIONS), Path(path))
 
 
 T = TypeVar("T")
@@ -388,12 +424,19 @@ T = TypeVar("T")
 def parse(doc: Mapping[str, Any], path: Path) -> BenchResult:
     """The typed form of a document `load` accepted (or one a run is writing:
     an interrupted metric keeps the points it finished)."""
+    return _guarded(_result, doc, path, "minifs bench")
+
+
+def _guarded(
+    reader: Callable[[Mapping[str, Any], Path], T], doc: Mapping[str, Any], path: Path, run: str
+) -> T:
+    """`reader`'s result, or one line naming the damaged file and what to run again."""
     try:
-        return _result(doc, path)
+        return reader(doc, path)
     except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as exc:
         raise ResultError(
             f"{path} is a damaged minifs bench result ({type(exc).__name__}: {exc}); "
-            "run 'minifs bench' again"
+            f"run '{run}' again"
         ) from None
 
 
@@ -401,7 +444,6 @@ def _result(doc: Mapping[str, Any], path: Path) -> BenchResult:
     settings = doc.get("settings") or {}
     machine = doc.get("machine") or {}
     source = doc.get("source") or {}
-    disk_on = machine.get("bench_images_on") or {}
     return BenchResult(
         path=path,
         schema_version=doc["schema_version"],
@@ -412,18 +454,23 @@ def _result(doc: Mapping[str, Any], path: Path) -> BenchResult:
         layers=settings.get("layers"),
         runs=settings.get("runs"),
         depths=tuple(settings.get("depths") or ()),
-        machine=Machine(
-            kernel=str(machine.get("kernel", "unknown")),
-            cpu=str(machine.get("cpu", "unknown")),
-            cpus=machine.get("cpus"),
-            memory_bytes=machine.get("memory_bytes"),
-            python=machine.get("python"),
-            bench_disk_on=f"{disk_on.get('type', 'unknown')} on {disk_on.get('source', '?')}",
-        ),
+        machine=_machine(machine),
         git_commit=source.get("git_commit"),
         git_dirty=bool(source.get("git_dirty")),
         skipped=dict(doc.get("skipped") or {}),
         drivers={name: _driver(name, entry) for name, entry in doc["drivers"].items()},
+    )
+
+
+def _machine(machine: Mapping[str, Any]) -> Machine:
+    disk_on = machine.get("bench_images_on") or {}
+    return Machine(
+        kernel=str(machine.get("kernel", "unknown")),
+        cpu=str(machine.get("cpu", "unknown")),
+        cpus=machine.get("cpus"),
+        memory_bytes=machine.get("memory_bytes"),
+        python=machine.get("python"),
+        bench_disk_on=f"{disk_on.get('type', 'unknown')} on {disk_on.get('source', '?')}",
     )
 
 
@@ -582,4 +629,143 @@ def _footprint(record: Mapping[str, Any]) -> Footprint:
         bench_disk=_prediction(record.get("bench_disk")),
         scenario=scenario,
         definitions=dict(record["definitions"]),
+    )
+
+
+# -- minifs bench --cli -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TimedCommand:
+    """One whole command of `minifs bench --cli` (or a peer's), one sample per
+    round: the wall time of its processes, in ms."""
+
+    label: str
+    """The command as a user types it."""
+    samples: Series
+    steps: tuple[Series, ...]
+    """Each step's own samples (clone, then rm) where the command has several."""
+
+
+@dataclass(frozen=True)
+class CliComparison:
+    """A minifs command against a peer, recomputed from the raw samples."""
+
+    minifs: str
+    peer: str
+    target: float | None
+    """The most the ratio of medians may be; None: shown for information."""
+    ratio: float | None
+    """Median of minifs's samples over the peer's; None if either was not timed."""
+    paired: float | None
+    """Median of the per-round ratios (the two ran in the same round)."""
+    reason: str | None
+    """Why it was not measured, when it was not."""
+
+    @property
+    def met(self) -> bool | None:
+        if self.target is None or self.ratio is None:
+            return None
+        return self.ratio <= self.target
+
+
+@dataclass(frozen=True)
+class CliTiming:
+    """One `minifs bench --cli` run."""
+
+    path: Path
+    started_at: str
+    wall_seconds: float | None
+    partial: bool
+    errors: tuple[str, ...]
+    rounds: int | None
+    warmup_rounds: int | None
+    order: str | None
+    clock: str | None
+    machine: Machine
+    load_average_end: tuple[float, ...]
+    git_commit: str | None
+    git_dirty: bool
+    versions: dict[str, str]
+    """The peers' and tools' own version lines."""
+    skipped: dict[str, str]
+    """Command key -> why it was left out (its peer is not installed here)."""
+    commands: dict[str, TimedCommand]
+    """Commands with at least one sample, in the order the file lists them."""
+    comparisons: tuple[CliComparison, ...]
+
+    def name(self, key: str) -> str:
+        """A command's label, or its key when it was never timed."""
+        command = self.commands.get(key)
+        return command.label if command else key
+
+
+def parse_cli(doc: Mapping[str, Any], path: Path) -> CliTiming:
+    """The typed form of a `minifs bench --cli` document."""
+    return _guarded(_cli, doc, path, "minifs bench --cli")
+
+
+def _cli(doc: Mapping[str, Any], path: Path) -> CliTiming:
+    settings = doc.get("settings") or {}
+    machine = doc.get("machine") or {}
+    source = doc.get("source") or {}
+    commands = {}
+    for key, entry in doc["commands"].items():
+        samples = Series.of(entry.get("samples_ms"))
+        if samples is None:
+            continue  # interrupted before its first round
+        per_round = entry.get("steps_ms") or []
+        steps = [Series.of(step) for step in zip(*per_round, strict=False)]
+        commands[key] = TimedCommand(
+            label=str(entry.get("label") or key),
+            samples=samples,
+            steps=tuple(s for s in steps if s is not None) if len(steps) > 1 else (),
+        )
+    skipped = {str(k): str(v) for k, v in (doc.get("skipped") or {}).items()}
+    return CliTiming(
+        path=path,
+        started_at=str(doc.get("started_at") or ""),
+        wall_seconds=doc.get("wall_seconds"),
+        partial=bool(doc.get("partial")),
+        errors=tuple(doc.get("errors") or ()),
+        rounds=settings.get("rounds"),
+        warmup_rounds=settings.get("warmup_rounds"),
+        order=settings.get("order"),
+        clock=settings.get("clock"),
+        machine=_machine(machine),
+        load_average_end=tuple(machine.get("load_average_end") or ()),
+        git_commit=source.get("git_commit"),
+        git_dirty=bool(source.get("git_dirty")),
+        versions={
+            str(k): str(v) for k, v in ((doc.get("peers") or {}).get("versions") or {}).items()
+        },
+        skipped=skipped,
+        commands=commands,
+        comparisons=tuple(
+            _comparison(row, commands, skipped) for row in doc.get("comparisons", ())
+        ),
+    )
+
+
+def _comparison(
+    row: Mapping[str, Any], commands: Mapping[str, TimedCommand], skipped: Mapping[str, str]
+) -> CliComparison:
+    mine, theirs = commands.get(row["minifs"]), commands.get(row["peer"])
+    target = None if row.get("target") is None else float(row["target"])
+    if mine is None or theirs is None:
+        reason = (
+            row.get("reason")
+            or skipped.get(row["peer"])
+            or skipped.get(row["minifs"])
+            or "the run stopped before it was timed"
+        )
+        return CliComparison(row["minifs"], row["peer"], target, None, None, str(reason))
+    paired = [a / b for a, b in zip(mine.samples.samples, theirs.samples.samples, strict=False)]
+    return CliComparison(
+        minifs=row["minifs"],
+        peer=row["peer"],
+        target=target,
+        ratio=median_ratio(mine.samples, theirs.samples),
+        paired=percentile(paired, 50),
+        reason=None,
     )

@@ -1,12 +1,16 @@
 """`minifs report` from the committed reference results: its PNGs, its HTML
 page and its findings, which must follow the data (change a sample, the
 sentence changes); bad files refused one line each while the rest are still
-reported; runs on another kernel labelled; matplotlib only when it runs."""
+reported; runs on another kernel labelled; matplotlib only when it runs.
+`minifs bench --cli` files are reported beside bench results, in a section
+of their own."""
 
 from __future__ import annotations
 
 import copy
+import html
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from minifs.output import human_size
-from minifs.report.findings import CONFIRMS, CONTRADICTS, Finding, findings
-from minifs.report.runs import entries, load
-from minifs_bench import results
+from minifs.report.findings import CONFIRMS, CONTRADICTS, MET, NOT_MET, Finding, findings
+from minifs.report.runs import entries, load, timed_runs
+from minifs_bench import cli_timing, results
 from tests.conftest import MINIFS, refused
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -30,8 +34,18 @@ def _committed() -> list[Path]:
 
 
 def _reference() -> Path:
-    """The committed run with the most drivers."""
-    return max(_committed(), key=lambda p: len(results.read(p).drivers))
+    """The committed bench run with the most drivers."""
+    runs = {p: results.read(p) for p in _committed()}
+    bench = {p: r for p, r in runs.items() if isinstance(r, results.BenchResult)}
+    assert bench, "results/ holds no bench run"
+    return max(bench, key=lambda p: len(bench[p].drivers))
+
+
+def _cli_reference() -> Path:
+    """The newest committed `minifs bench --cli` run."""
+    cli = [p for p in _committed() if isinstance(results.read(p), results.CliTiming)]
+    assert cli, "results/ holds no 'minifs bench --cli' run"
+    return max(cli, key=lambda p: results.read(p).started_at)
 
 
 def _report(*args: str) -> subprocess.CompletedProcess:
@@ -201,4 +215,126 @@ def test_matplotlib_is_imported_only_by_report():
 @pytest.mark.parametrize("path", _committed(), ids=lambda p: p.name)
 def test_every_committed_result_reads(path):
     result = results.read(path)
-    assert result.drivers and result.metrics()
+    if isinstance(result, results.CliTiming):
+        assert result.commands and result.comparisons
+    else:
+        assert result.drivers and result.metrics()
+
+
+def test_the_cli_writer_and_the_reader_agree_on_the_schema():
+    assert (cli_timing.SCHEMA, cli_timing.SCHEMA_VERSION) == (
+        results.CLI_SCHEMA,
+        results.CLI_SCHEMA_VERSION,
+    )
+    assert results.CLI_SCHEMA_VERSION in results.CLI_KNOWN_VERSIONS
+
+
+def test_a_cli_timing_file_is_reported(tmp_path):
+    path = _cli_reference()
+    doc = json.loads(path.read_text())
+    out = tmp_path / "out"
+    done = _report(str(path), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert {p.name for p in out.glob("*.png")} == {"cli.png"}, "no storage plot without data"
+    data = (out / "cli.png").read_bytes()
+    assert data.startswith(PNG) and int.from_bytes(data[16:20], "big") >= 1000
+    page = html.unescape((out / "report.html").read_text())
+    assert 'src="data:image/png;base64,' in page and "Storage drivers" not in page
+    assert f"From {path.name}, written by minifs bench --cli" in page.replace("<code>", "").replace(
+        "</code>", ""
+    )
+    text = " ".join(done.stdout.split())
+    for key, entry in doc["commands"].items():
+        samples = entry["samples_ms"]
+        median = statistics.median(samples)  # recomputed from the raw samples
+        row = f"{median:.1f} {min(samples):.1f}-{max(samples):.1f} {len(samples)}"
+        assert row in text, (key, row)
+        assert entry["label"] in page and f"{median:.1f}" in page, key
+    for row in doc["comparisons"]:
+        if row["target"] is not None and row["ratio_of_medians"] is not None:
+            verdict = "met" if row["ratio_of_medians"] <= row["target"] else "NOT met"
+            assert f"{row['ratio_of_medians']:.2f}x ≤ {row['target']:.1f}x {verdict}" in text
+    for finding in findings(results.read(path)):
+        assert finding.text[:60] in text, finding.text
+        assert finding.text in page
+
+
+def _ratio_finding(found: list[Finding], label: str) -> Finding:
+    return next(f for f in found if f.text.startswith(f"'{label}' took") and "target" in f.text)
+
+
+def test_cli_findings_follow_the_data(tmp_path):
+    """Make minifs run faster in a copy: the ratio, its figures and the
+    verdict change with it; both runs reported side by side, labelled."""
+    path = _cli_reference()
+    doc = json.loads(path.read_text())
+    row = next(c for c in doc["comparisons"] if c["target"] and c["ratio_of_medians"])
+    mine, peer = doc["commands"][row["minifs"]], doc["commands"][row["peer"]]
+    peer_median = statistics.median(peer["samples_ms"])
+    before = _ratio_finding(findings(results.read(path)), mine["label"])
+    ratio = statistics.median(mine["samples_ms"]) / peer_median
+    assert f"took {ratio:.2f}x" in before.text
+    assert before.verdict == (MET if ratio <= row["target"] else NOT_MET)
+
+    changed = copy.deepcopy(doc)
+    changed["started_at"] = "2030-01-02T03:04:05+0000"
+    changed["machine"]["kernel"] = "9.9.9-elsewhere"
+    fast = 0.5 * row["target"] * peer_median  # half what the target allows: met
+    changed["commands"][row["minifs"]]["samples_ms"] = [fast] * len(mine["samples_ms"])
+    copied = _write(tmp_path, "faster.json", changed)
+    after = _ratio_finding(findings(results.read(copied)), mine["label"])
+    assert after.verdict == MET
+    assert f"took {0.5 * row['target']:.2f}x" in after.text and "met)." in after.text
+    assert after.text != before.text
+    slow = 3 * row["target"] * peer_median
+    changed["commands"][row["minifs"]]["samples_ms"] = [slow] * len(mine["samples_ms"])
+    slower = _ratio_finding(
+        findings(results.read(_write(tmp_path, "s.json", changed))), mine["label"]
+    )
+    assert slower.verdict == NOT_MET and f"took {3 * row['target']:.2f}x" in slower.text
+
+    runs = timed_runs(load([path, copied]).timings)
+    assert len(runs) == 2 and runs[0].label != runs[1].label
+    assert "[kernel 9.9.9-elsewhere]" in runs[1].label and "2030-01-02 03:04" in runs[1].label
+    assert "[kernel" not in runs[0].label
+    out = tmp_path / "out"
+    done = _report(str(path), str(copied), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    page = html.unescape((out / "report.html").read_text())
+    assert before.text in page and after.text in page
+    assert runs[1].label in page and path.name in page and "faster.json" in page
+
+
+def test_bad_cli_file_refused_and_bench_and_cli_reported_together(tmp_path):
+    """A CLI file of an unknown version or damaged is one line; a CLI file
+    beside a bench file holding one metric is not refused for sharing none."""
+    doc = json.loads(_cli_reference().read_text())
+    bad = {
+        "cli-future.json": {**doc, "schema_version": results.CLI_SCHEMA_VERSION + 1},
+        "cli-ancient.json": {**doc, "schema_version": 0},
+        "cli-damaged.json": {**doc, "commands": [1, 2]},
+        "cli-empty.json": {**doc, "commands": {}},
+    }
+    paths = [_write(tmp_path, n, d) for n, d in bad.items()]
+    bench = _write(tmp_path, "latency-only.json", _only(results.load(_reference()), "latency"))
+    cli = _write(tmp_path, "cli.json", doc)
+    out = tmp_path / "out"
+    done = _report(str(bench), *map(str, paths), str(cli), "--out", str(out))
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == len(bad), lines
+    for line, path in zip(lines, paths, strict=True):
+        assert line.startswith("minifs: error: ") and str(path) in line, line
+    assert "minifs-bench-cli schema version 2" in lines[0] and "upgrade minifs" in lines[0]
+    assert "unknown schema version 0" in lines[1]
+    assert "damaged" in lines[2] and "minifs bench --cli" in lines[2]
+    assert "no timed command" in lines[3]
+    assert {p.name for p in out.glob("*.png")} == {"latency.png", "cli.png"}
+    page = html.unescape((out / "report.html").read_text())
+    assert "Storage drivers" in page and "Command-line timing" in page
+    assert "From latency-only.json, written by minifs bench." in page.replace("<code>", "").replace(
+        "</code>", ""
+    )
+    assert "Files left out" in page and "cli-future.json" in page

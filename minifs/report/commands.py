@@ -21,13 +21,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from minifs.errors import InvalidArgument
     from minifs.output import error
-    from minifs.report.runs import entries, load
+    from minifs.report.runs import entries, load, timed_runs
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InvalidArgument(f"--out {out} is not a directory; name a directory for the report")
     loaded = load([Path(f) for f in args.files])
-    if not loaded.results:  # one line per file still; the last is the command's error
+    if not loaded.results and not loaded.timings:  # one line per file; the last is the error
         for reason in loaded.refused[:-1]:
             error(reason)
         raise InvalidArgument(loaded.refused[-1])
@@ -39,16 +39,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     series = entries(loaded.results)
-    found = {r.path: findings(r) for r in loaded.results}
-    drawn = plots.write(series, out)
+    runs = timed_runs(loaded.timings)
+    found = {r.path: findings(r) for r in [*loaded.results, *loaded.timings]}
+    drawn = plots.write(series, runs, out)
     html = out / "report.html"
     tmp = out / f".report.html.{os.getpid()}.tmp"
-    tmp.write_text(page.render(loaded.results, series, drawn, found, loaded.refused))
+    tmp.write_text(page.render(loaded.results, series, runs, drawn, found, loaded.refused))
     os.replace(tmp, html)
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)  # piped into a log: do not fold the table to 80 columns
-    print_report(console, loaded.results, series, found, [html, *(path for _, path in drawn)])
+    written = [html, *(path for _, path in drawn)]
+    print_report(console, loaded.results, series, runs, found, written)
     return 2 if loaded.refused else 0
 
 
@@ -63,7 +65,13 @@ def add_report_parser(sub: Any) -> None:
         description=help + ". Several files (drivers, runs, machines) are shown side by side.",
     )
     p.set_defaults(func=cmd_report)
-    p.add_argument("files", nargs="+", metavar="FILE", type=path, help="results JSON files")
+    p.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        type=path,
+        help="results JSON files ('minifs bench' or 'minifs bench --cli')",
+    )
     p.add_argument(
         "--out",
         "-o",

@@ -4,8 +4,9 @@ Each finding compares drivers measured in the same run (on one machine, at
 one time), and where the seed document made a claim the run can test ("CoW
 writes twice", "CoW creates fast, RoW slowly", lookups search every layer,
 many containers run out of inodes) it says whether the run confirms or
-contradicts it. Nothing here holds a figure: a finding the data cannot
-support is left out.
+contradicts it. A `minifs bench --cli` run's findings are its comparisons of
+minifs commands with their peers, against the targets the run recorded.
+Nothing here holds a figure: a finding the data cannot support is left out.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from minifs.output import human_size
-from minifs_bench.results import BenchResult, DriverRun, Series
+from minifs_bench.results import BenchResult, CliTiming, DriverRun, Series
 
 CONFIRMS, CONTRADICTS, MEASURED = "confirms the seed", "contradicts the seed", "measured"
+MET, NOT_MET, NOT_MEASURED = "target met", "target not met", "not measured"
 
 FULL_COPY = 0.5
 """A write that put at least this share of the file on the device copied it whole."""
@@ -30,7 +32,8 @@ FLAT = 1.5
 @dataclass(frozen=True)
 class Finding:
     verdict: str
-    """CONFIRMS, CONTRADICTS or MEASURED."""
+    """CONFIRMS, CONTRADICTS or MEASURED; MET, NOT_MET or NOT_MEASURED for a
+    command-line timing's comparison."""
     text: str
 
 
@@ -46,8 +49,10 @@ def _listing(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def findings(result: BenchResult) -> list[Finding]:
+def findings(result: BenchResult | CliTiming) -> list[Finding]:
     """Every finding the run supports, in the order the plots come."""
+    if isinstance(result, CliTiming):
+        return _timing(result)
     drivers = list(result.drivers.values())
     out: list[Finding] = []
     for make in (_create, _row, _copy_up, _twice, _lookup, _clones):
@@ -336,4 +341,32 @@ def _clones(drivers: list[DriverRun]) -> list[Finding]:
                     f"clones, {run.clones} fitted ({round(off * 100):+d}%).",
                 )
             )
+    return out
+
+
+def _timing(timing: CliTiming) -> list[Finding]:
+    """Each comparison of a minifs command with its peer, as a ratio of the
+    medians with the figures behind it, and whether it met its target."""
+    out = []
+    for c in timing.comparisons:
+        mine, peer = f"'{timing.name(c.minifs)}'", f"'{timing.name(c.peer)}'"
+        if c.ratio is None or c.paired is None:
+            out.append(Finding(NOT_MEASURED, f"{mine} against {peer}: {c.reason}."))
+            continue
+        a, b = timing.commands[c.minifs].samples, timing.commands[c.peer].samples
+        rounds = f"{a.n}" if a.n == b.n else f"{a.n} and {b.n}"
+        text = (
+            f"{mine} took {c.ratio:.2f}x {peer}: {_ms(a.median)} against {_ms(b.median)} "
+            f"(medians of {rounds} rounds; {c.paired:.2f}x paired round by round)"
+        )
+        if c.target is None:
+            out.append(Finding(MEASURED, f"{text}; no target, for comparison only."))
+        else:
+            met = "met" if c.met else "not met"
+            out.append(
+                Finding(MET if c.met else NOT_MET, f"{text} (target {c.target:.1f}x: {met}).")
+            )
+    if timing.partial:
+        why = "; ".join(timing.errors) or "it was interrupted"
+        out.append(Finding(MEASURED, f"The run is partial ({why}): some rounds are missing."))
     return out

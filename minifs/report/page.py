@@ -2,6 +2,8 @@
 URLs, the figures behind them as tables, the machine and settings of every
 run, the findings, and the definition of every metric as the bench recorded
 it. Nothing is fetched when it is opened: it can be mailed or archived alone.
+Command-line timings (`minifs bench --cli`) have a section of their own, which
+says which files it came from, as the storage sections do.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from minifs.output import human_size
-from minifs.report.findings import CONFIRMS, CONTRADICTS, Finding
-from minifs.report.plots import Plot
-from minifs.report.runs import Entry, run_name
-from minifs_bench.results import CACHE_STATES, METRIC_NAMES, BenchResult, Series
+from minifs.report.findings import CONFIRMS, CONTRADICTS, MET, NOT_MET, Finding
+from minifs.report.plots import CLI_PLOT, Plot
+from minifs.report.runs import Entry, TimedRun, command_groups, run_name
+from minifs_bench.results import CACHE_STATES, METRIC_NAMES, BenchResult, CliTiming, Series
 
 STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1280px;
@@ -109,14 +111,22 @@ def _runs(results: Sequence[BenchResult]) -> str:
     )
 
 
-def _findings(results: Sequence[BenchResult], found: dict[Path, list[Finding]]) -> str:
+VERDICT_CSS = {
+    CONFIRMS: "confirms",
+    CONTRADICTS: "contradicts",
+    MET: "confirms",
+    NOT_MET: "contradicts",
+}
+
+
+def _findings(results: Sequence[BenchResult | CliTiming], found: dict[Path, list[Finding]]) -> str:
     parts = []
     for r in results:
         if len(results) > 1:
             parts.append(f"<h3>{_e(run_name(r))} ({_e(r.path.name)})</h3>")
         items = []
         for f in found.get(r.path, []):
-            css = {CONFIRMS: "confirms", CONTRADICTS: "contradicts"}.get(f.verdict, "")
+            css = VERDICT_CSS.get(f.verdict, "")
             badge = f'<span class="verdict {css}">{_e(f.verdict)}</span>' if css else ""
             items.append(f"<li>{badge}{_e(f.text)}</li>")
         parts.append(f"<ul>{''.join(items)}</ul>" if items else "<p>No finding.</p>")
@@ -271,25 +281,162 @@ def _definitions(results: Sequence[BenchResult]) -> str:
     return "".join(parts)
 
 
-def render(
+def _figure(plot: Plot, path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (
+        f'<h2 id="{_e(plot.name)}">{_e(plot.title)}</h2><figure>'
+        f'<img alt="{_e(plot.title)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{_e(plot.caption)}</figcaption></figure>"
+    )
+
+
+def _files(results: Sequence[BenchResult | CliTiming]) -> str:
+    return ", ".join(f"<code>{_e(r.path.name)}</code>" for r in results)
+
+
+def _timing_runs(runs: Sequence[TimedRun]) -> str:
+    rows = []
+    for r in runs:
+        t, m = r.timing, r.timing.machine
+        commit = (t.git_commit or "unknown")[:12] + (" (dirty)" if t.git_dirty else "")
+        rows.append(
+            (
+                t.path.name,
+                r.label,
+                f"{t.rounds} (+{t.warmup_rounds} warm-up)",
+                "-" if t.wall_seconds is None else f"{t.wall_seconds:.1f}",
+                m.kernel,
+                f"{m.cpu}, {m.cpus} CPUs",
+                " ".join(f"{v:.2f}" for v in t.load_average_end) or "-",
+                "; ".join(f"{k}: {v}" for k, v in t.versions.items()) or "-",
+                commit,
+                "partial: " + ("; ".join(t.errors) or "interrupted") if t.partial else "complete",
+                "; ".join(f"{k}: {why}" for k, why in t.skipped.items()) or "-",
+            )
+        )
+    head = (
+        "file",
+        "run",
+        "rounds",
+        "took s",
+        "kernel",
+        "cpu",
+        "load at end",
+        "versions",
+        "commit",
+        "state",
+        "left out",
+    )
+    return _table(head, rows, left=11)
+
+
+def _timing_tables(runs: Sequence[TimedRun]) -> str:
+    """Every command of every run (median, min-max, n, and each step's
+    median), then every comparison with its target and verdict."""
+    rows = []
+    for key in (k for g in command_groups([r.timing for r in runs]) for k in g):
+        for r in runs:
+            command = r.timing.commands.get(key)
+            if command is None:
+                continue
+            s = command.samples
+            steps = " + ".join(f"{step.median:.1f}" for step in command.steps) or "-"
+            rows.append(
+                (
+                    command.label,
+                    r.label,
+                    f"{s.median:.1f}",
+                    f"{s.min:.1f}-{s.max:.1f}",
+                    s.n,
+                    steps,
+                )
+            )
+    commands = _table(("command", "run", "median ms", "min-max ms", "n", "steps ms"), rows)
+    rows = []
+    for r in runs:
+        for c in r.timing.comparisons:
+            if c.ratio is None:
+                verdict = f"not measured: {c.reason}"
+            elif c.target is None:
+                verdict = "for comparison only"
+            else:
+                verdict = "met" if c.met else "NOT met"
+            rows.append(
+                (
+                    r.timing.name(c.minifs),
+                    r.timing.name(c.peer),
+                    r.label,
+                    _ratio(c.ratio),
+                    _ratio(c.paired),
+                    "-" if c.target is None else f"<= {c.target:.1f}",
+                    verdict,
+                )
+            )
+    head = ("minifs", "against", "run", "ratio of medians", "paired ratio", "target", "verdict")
+    return commands + _table(head, rows, left=3)
+
+
+def _timing(
+    runs: Sequence[TimedRun], plots: Sequence[tuple[Plot, Path]], found: dict[Path, list[Finding]]
+) -> str:
+    """The command-line timing section: where it came from, how it was
+    measured, its findings, its plot and its tables."""
+    timings = [r.timing for r in runs]
+    how = "".join(
+        f"<dt>{_e(word)}</dt><dd>{_e(text)}</dd>"
+        for word, text in (
+            ("clock", next((t.clock for t in timings if t.clock), None)),
+            ("order", next((t.order for t in timings if t.order), None)),
+        )
+        if text
+    )
+    figure = "".join(_figure(plot, path) for plot, path in plots if plot.name == CLI_PLOT.name)
+    return (
+        "<h1>Command-line timing</h1>"
+        f"<p>From {_files(timings)}, written by <code>minifs bench --cli</code>: whole "
+        "commands as a user types them, minifs beside its peers on the same machine in the "
+        "same rounds. Figures are medians of the raw samples in ms.</p>"
+        f"<h2>Runs</h2>{_timing_runs(runs)}<dl>{how}</dl>"
+        f"<h2>Findings</h2>{_findings(timings, found)}"
+        f"{figure}"
+        f"<h2>The figures</h2>{_timing_tables(runs)}"
+    )
+
+
+def _storage(
     results: Sequence[BenchResult],
     entries: Sequence[Entry],
     plots: Sequence[tuple[Plot, Path]],
     found: dict[Path, list[Finding]],
-    refused: Sequence[str],
 ) -> str:
-    """The whole page."""
-    figures = []
-    for plot, path in plots:
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-        figures.append(
-            f'<h2 id="{_e(plot.name)}">{_e(plot.title)}</h2><figure>'
-            f'<img alt="{_e(plot.title)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{_e(plot.caption)}</figcaption></figure>"
-        )
+    """The storage bench's sections: runs, findings, plots, tables, definitions."""
+    figures = "".join(_figure(plot, path) for plot, path in plots if plot.name != CLI_PLOT.name)
     tables = "".join(
         f"<h3>{_e(title)}</h3>{body}" for title, make in TABLES.values() if (body := make(entries))
     )
+    return (
+        "<h1>Storage drivers</h1>"
+        f"<p>From {_files(results)}, written by <code>minifs bench</code>. Figures are medians "
+        "of the raw samples, with their minimum and maximum in parentheses; every plot's bars "
+        "span the same.</p>"
+        f"<h2>Runs: machine and settings</h2>{_runs(results)}"
+        f"<h2>Findings</h2>{_findings(results, found)}"
+        f"{figures}"
+        f"<h2>The figures</h2>{tables}"
+        f"<h2>Definitions</h2>{_definitions(results)}"
+    )
+
+
+def render(
+    results: Sequence[BenchResult],
+    entries: Sequence[Entry],
+    runs: Sequence[TimedRun],
+    plots: Sequence[tuple[Plot, Path]],
+    found: dict[Path, list[Finding]],
+    refused: Sequence[str],
+) -> str:
+    """The whole page: the storage bench's sections, then the command-line
+    timing's, each only when it has files."""
     refused_html = (
         "<h2>Files left out</h2><ul>"
         + "".join(f'<li class="refused">{_e(r)}</li>' for r in refused)
@@ -305,12 +452,9 @@ def render(
         f"<style>{STYLE}</style></head><body>"
         "<h1>minifs report</h1>"
         f"<p>Made {_e(made)} by <code>minifs report</code> from {len(results)} bench "
-        "result(s). Figures are medians of the raw samples, with their minimum and maximum in "
-        "parentheses; every plot's bars span the same.</p>"
-        f"<h2>Runs: machine and settings</h2>{_runs(results)}{refused_html}"
-        f"<h2>Findings</h2>{_findings(results, found)}"
-        f"{''.join(figures)}"
-        f"<h2>The figures</h2>{tables}"
-        f"<h2>Definitions</h2>{_definitions(results)}"
+        f"result(s) and {len(runs)} command-line timing file(s).</p>"
+        f"{refused_html}"
+        f"{_storage(results, entries, plots, found) if results else ''}"
+        f"{_timing(runs, plots, found) if runs else ''}"
         "</body></html>\n"
     )

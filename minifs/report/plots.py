@@ -6,7 +6,8 @@ Each series is one driver in one run: the median of its raw samples, with a
 bar from their minimum to their maximum. A baseline the bench measured in the
 same run (the bare kernel operation) is drawn beside its driver, dotted, in
 the driver's colour; what the bench did not measure is said in the caption,
-not drawn.
+not drawn. Command-line timings (`minifs bench --cli`) get one plot of their
+own: each command's median bar, the peers beside minifs, one colour per run.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -28,21 +30,25 @@ from matplotlib.ticker import (
 )
 
 from minifs.output import human_size
-from minifs.report.runs import Entry
+from minifs.report.runs import Entry, TimedRun, command_groups
 from minifs_bench.results import Amplification, Series
 
 DPI = 110
 WIDTH = 12.0
 
 
+S = TypeVar("S")
+
+
 @dataclass(frozen=True)
-class Plot:
-    """One PNG of the report: its file stem, title and what it shows."""
+class Plot(Generic[S]):
+    """One PNG of the report: its file stem, title, what it shows, and how
+    it is drawn from its series (bench entries or command-line timing runs)."""
 
     name: str
     title: str
     caption: str
-    draw: Callable[[Sequence[Entry]], Figure | None]
+    draw: Callable[[Sequence[S]], Figure | None]
 
 
 def short_size(n: float) -> str:
@@ -414,7 +420,115 @@ def clones(entries: Sequence[Entry]) -> Figure | None:
     return fig
 
 
-PLOTS = (
+# -- whole commands (minifs bench --cli) -------------------------------------------
+
+
+def commands(runs: Sequence[TimedRun]) -> Figure | None:
+    """Horizontal bars of each command's median, whiskers from its minimum to
+    its maximum, a minifs command above the peers it is compared with, a
+    dashed tick where its target puts the limit."""
+    groups = command_groups([r.timing for r in runs])
+    if not groups:
+        return None
+    bars = sum(len(g) for g in groups) * len(runs)
+    fig, (ax,) = _figure(1, 1, 1.6 + 0.32 * bars + 0.4 * len(groups))
+    height = 0.8 / len(runs)
+    mine = {c.minifs for r in runs for c in r.timing.comparisons}
+    ticks: list[float] = []
+    labels: list[str] = []
+    y = 0.0
+    for g, group in enumerate(groups):
+        if g:
+            ax.axhline(y - 0.65, color="grey", linewidth=0.6, alpha=0.5)
+            y += 0.3
+        for key in group:
+            ticks.append(y)
+            label = next(r.timing.name(key) for r in runs if key in r.timing.commands)
+            labels.append(label.replace("; ", ";\n"))
+            for i, run in enumerate(runs):
+                command = run.timing.commands.get(key)
+                if command is None:
+                    continue
+                at = y + (i - (len(runs) - 1) / 2) * height
+                series = command.samples
+                ax.barh(
+                    at,
+                    series.median,
+                    height=height * 0.9,
+                    color=run.color,
+                    alpha=1.0 if key in mine else 0.55,
+                    hatch=None if key in mine else "//",
+                    edgecolor="white",
+                    xerr=_yerr([series]),
+                    capsize=2,
+                )
+                ax.annotate(
+                    f"{series.median:.1f}",
+                    (series.max, at),
+                    xytext=(4, 0),
+                    textcoords="offset points",
+                    va="center",
+                    fontsize="x-small",
+                )
+                _target(ax, run, key, at, height, named=i == 0)
+            y += 1
+    ax.set_yticks(ticks, labels, fontsize="small")
+    ax.invert_yaxis()
+    ax.set_xlim(left=0)
+    ax.margins(x=0.08)
+    ax.set_xlabel("wall time of the whole command, ms (median; whiskers min to max)")
+    ax.grid(True, axis="x", alpha=0.3)
+    handles: list[object] = [Patch(facecolor=r.color, label=f"run {r.label}") for r in runs]
+    handles += [
+        Patch(facecolor="grey", label="minifs"),
+        Patch(facecolor="grey", alpha=0.55, hatch="//", label="peer or baseline"),
+        Line2D(
+            [],
+            [],
+            color="black",
+            linestyle="--",
+            label="target: the peer's median times the ratio allowed",
+        ),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncol=3, frameon=False, fontsize="small")
+    return fig
+
+
+def _target(ax: Axes, run: TimedRun, key: str, at: float, height: float, named: bool) -> None:
+    """A dashed tick across minifs command `key`'s bar where each of its
+    targets (a ratio of a peer's median) puts the limit in ms; `named` on the
+    top bar of a command only, so that the words do not cover the bars below."""
+    for c in run.timing.comparisons:
+        peer = run.timing.commands.get(c.peer)
+        if c.minifs == key and c.target is not None and peer is not None:
+            limit = c.target * peer.samples.median
+            ax.vlines(limit, at - height / 2, at + height / 2, colors="black", linestyles="--")
+            if not named:
+                continue
+            ax.annotate(
+                f"target: {c.target:g}x",
+                (limit, at - height / 2),
+                xytext=(-2, 1),
+                textcoords="offset points",
+                fontsize="x-small",
+                ha="right",
+                va="bottom",
+            )
+
+
+CLI_PLOT: Plot[TimedRun] = Plot(
+    "cli",
+    "Whole commands beside their peers",
+    "Wall time of whole processes, from before fork to after wait, as a user waits for "
+    "them: each minifs command (solid) above the peers and baselines it is compared with "
+    "(hatched), timed in the same rounds, interleaved, in rotating order. The bar is the "
+    "median, the whiskers the minimum and maximum; the dashed tick on a minifs bar is its "
+    "target, the peer's median times the ratio the target allows. One colour per run.",
+    commands,
+)
+
+
+PLOTS: tuple[Plot[Entry], ...] = (
     Plot(
         "latency",
         "Create and delete latency against layer depth",
@@ -460,11 +574,12 @@ PLOTS = (
 )
 
 
-def write(entries: Sequence[Entry], out: Path) -> list[tuple[Plot, Path]]:
+def write(entries: Sequence[Entry], runs: Sequence[TimedRun], out: Path) -> list[tuple[Plot, Path]]:
     """Every plot the data supports, as out/NAME.png; the ones written."""
-    written = []
-    for plot in PLOTS:
-        fig = plot.draw(entries)
+    figures = [(plot, plot.draw(entries)) for plot in PLOTS]
+    figures.append((CLI_PLOT, CLI_PLOT.draw(runs)))
+    written: list[tuple[Plot, Path]] = []
+    for plot, fig in figures:
         if fig is None:
             continue
         fig.suptitle(plot.title, fontsize="large", fontweight="bold")

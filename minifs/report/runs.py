@@ -1,9 +1,12 @@
 """The results `minifs report` was given, read and checked, and the series
-they make: one per driver per run, each with its legend label and style.
+they make: one per driver per run, each with its legend label and style, and
+one per `minifs bench --cli` run.
 
 A file that cannot be reported (not a bench result, an unknown schema
 version, nothing in common with the others) is set aside with a one-line
-reason; the rest are still reported.
+reason; the rest are still reported. Command-line timings are another kind
+of result, not a metric: they are never compared with storage bench files,
+so they never share or lack a metric with them.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minifs.errors import MinifsError
-from minifs_bench.results import BenchResult, DriverRun, read
+from minifs_bench.results import BenchResult, CliTiming, DriverRun, read
 
 PALETTE = (
     "#1f77b4",
@@ -34,6 +37,8 @@ MARKERS = ("o", "s", "^", "D", "v")
 @dataclass(frozen=True)
 class Loaded:
     results: list[BenchResult]
+    timings: list[CliTiming]
+    """`minifs bench --cli` runs, reported in a section of their own."""
     refused: list[str]
     """One line per file left out, naming it and why."""
 
@@ -46,6 +51,7 @@ def load(paths: Sequence[Path]) -> Loaded:
     and is refused.
     """
     results: list[BenchResult] = []
+    timings: list[CliTiming] = []
     refused: list[str] = []
     seen: set[Path] = set()
     for path in paths:
@@ -56,6 +62,14 @@ def load(paths: Sequence[Path]) -> Loaded:
             result = read(path)
         except MinifsError as exc:
             refused.append(str(exc))
+            continue
+        if isinstance(result, CliTiming):
+            if result.commands:
+                timings.append(result)
+            else:
+                refused.append(
+                    f"{path} holds no timed command; run 'minifs bench --cli' to completion"
+                )
             continue
         metrics = result.metrics()
         if not metrics:
@@ -70,7 +84,7 @@ def load(paths: Sequence[Path]) -> Loaded:
             )
             continue
         results.append(result)
-    return Loaded(results, refused)
+    return Loaded(results, timings, refused)
 
 
 @dataclass(frozen=True)
@@ -91,12 +105,12 @@ class Entry:
         return run_name(self.result)
 
 
-def run_name(result: BenchResult) -> str:
+def run_name(result: BenchResult | CliTiming) -> str:
     """A run by when it started: "2026-12-01 17:59"."""
     return result.started_at[:16].replace("T", " ") or result.path.stem
 
 
-def differences(result: BenchResult, reference: BenchResult) -> list[str]:
+def differences(result: BenchResult | CliTiming, reference: BenchResult | CliTiming) -> list[str]:
     """How `result`'s machine differs from the reference run's, in words a
     legend can carry: a different kernel, CPU or disk is a different setting."""
     mine, theirs = result.machine, reference.machine
@@ -137,3 +151,52 @@ def entries(results: Sequence[BenchResult]) -> list[Entry]:
                 )
             )
     return out
+
+
+@dataclass(frozen=True)
+class TimedRun:
+    """One `minifs bench --cli` run as the report draws it."""
+
+    timing: CliTiming
+    label: str
+    color: str
+    differs: tuple[str, ...] = ()
+    """How its machine differs from the first timing run's."""
+
+
+def timed_runs(timings: Sequence[CliTiming]) -> list[TimedRun]:
+    """Every command-line timing run, named by when it started and, on
+    another machine than the first, by how that machine differs."""
+    out = []
+    for i, timing in enumerate(timings):
+        extra = differences(timing, timings[0])
+        label = run_name(timing) + (f" [{', '.join(extra)}]" if extra else "")
+        if any(r.label == label for r in out):
+            label += f" ({timing.path.name})"  # two runs in one minute
+        out.append(TimedRun(timing, label, PALETTE[i % len(PALETTE)], tuple(extra)))
+    return out
+
+
+def command_groups(timings: Sequence[CliTiming]) -> list[list[str]]:
+    """Command keys in the order the report shows them: each minifs command
+    beside the peers it is compared with (minifs first), then any command no
+    comparison names; only commands some run timed."""
+    mine = {c.minifs for t in timings for c in t.comparisons}
+    groups: list[list[str]] = []
+    for t in timings:
+        for c in t.comparisons:
+            group = next((g for g in groups if c.minifs in g or c.peer in g), None)
+            if group is None:
+                group = []
+                groups.append(group)
+            if c.minifs not in group:
+                group.insert(sum(k in mine for k in group), c.minifs)
+            if c.peer not in group:
+                group.append(c.peer)
+    for t in timings:
+        for key in t.commands:
+            if not any(key in g for g in groups):
+                groups.append([key])
+    timed = {key for t in timings for key in t.commands}
+    kept = [[k for k in g if k in timed] for g in groups]
+    return [g for g in kept if g]
