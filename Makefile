@@ -5,13 +5,21 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc e2fsprogs util-linux coreutils attr \
-	kmod busybox-static podman runc iproute2 crun hyperfine skopeo umoci nftables \
-	btrfs-progs libbtrfsutil-dev zfs-fuse
+	kmod busybox-static podman runc iproute2 crun hyperfine skopeo umoci nftables libseccomp2 \
+	btrfs-progs libbtrfsutil-dev zfs-fuse unionfs-fuse containerd \
+	libfuse3-dev fuse3 pkg-config thin-provisioning-tools
 STAMP := $(VENV)/.setup-done
 
 .PHONY: setup test bench bench-micro soak lint bytecode clean
 
-setup: $(STAMP)
+# The containerd Snapshots API modules are generated, not kept in git (see
+# minifs/snapshotter/api/NOTICE), so they always match the pinned protobuf.
+STUBS := minifs/snapshotter/api/snapshots_pb2_grpc.py
+
+setup: $(STAMP) $(STUBS)
+
+$(STUBS): $(STAMP) minifs/snapshotter/api/snapshots.proto minifs/snapshotter/api/mount.proto
+	$(PY) -m minifs.snapshotter.generate
 
 # Every minifs command is a fresh interpreter: with PYTHONDONTWRITEBYTECODE set
 # (as on CI here) it would recompile the package on each start.
@@ -40,10 +48,26 @@ test: setup lint bytecode
 bench: setup bytecode
 	$(VENV)/bin/minifs bench --driver overlay2 --layers 50
 
+# The report (PNGs, results/report/report.html, findings) of every bench result in results/.
+.PHONY: report
+report: setup
+	$(VENV)/bin/minifs report results/*.json --out results/report
+
 # Micro-benchmarks of the core operations (pytest-benchmark); not part of `make test`.
 bench-micro: setup
 	$(VENV)/bin/pytest -p no:cacheprovider bench/test_micro.py --benchmark-only \
 		--benchmark-columns=min,median,max,rounds
+
+# Whole-command wall times of minifs beside runc, containerd, docker and python
+# (20 interleaved rounds). docker.io only for this target: installing it lets
+# the bench start a private dockerd; without it docker is left out, with why.
+.PHONY: bench-cli
+bench-cli: setup bytecode
+	@dpkg-query -W -f='$${Status}\n' docker.io 2>/dev/null | grep -q 'install ok installed' || \
+		{ echo "installing Debian package: docker.io"; apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io; } || \
+		echo "docker.io did not install; minifs bench --cli leaves docker out"
+	$(VENV)/bin/minifs bench --cli --runs 20
 
 # Random SIGKILLs over clone, snapshot, rm, apply, image import and run, each
 # followed by gc and a check that nothing committed was lost (make test runs 6

@@ -65,6 +65,7 @@ def cmd_drivers(args: argparse.Namespace) -> int:
                 "version": version,
                 "max_layers": cls.max_depth,
                 "size_limit": cls.size_limit,
+                "xattrs": cls.xattrs,
                 "plugin": reg.plugin,
                 "plugin_version": reg.plugin_version,
             }
@@ -747,6 +748,18 @@ def build_parser(command_word: str | None = None) -> argparse.ArgumentParser:
     from minifs.container.commands import add_container_parser
 
     add_container_parser(sub, default_driver)
+
+    from minifs.snapshotter.commands import add_snapshotter_parser
+
+    add_snapshotter_parser(sub, default_driver)
+
+    from minifs.report.commands import add_report_parser
+
+    add_report_parser(sub)
+    if command_word is None or not sub.found:
+        from minifs.plugins import add_commands
+
+        add_commands(sub.add_parser)  # a plugin's own command (`minifs thin`)
     if not sub.found:
         return build_parser()  # not a command: build all, for help and the error
     return parser

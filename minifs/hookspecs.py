@@ -38,3 +38,10 @@ def hookimpl(function: F) -> F:
 
 def register_drivers(register: Callable[[type], None]) -> None:
     """Call `register(DriverClass)` for each storage driver the plugin provides."""
+
+
+def register_commands(add_command: Callable[..., object]) -> None:
+    """Add top-level commands of the plugin's own (the devicemapper driver's
+    `minifs thin`): `add_command(name, help=...)` returns an argparse parser;
+    set its `func(args) -> int` with `set_defaults`. Drivers reach the store
+    through `minifs.arguments.open_storage(args, driver)`, never the CLI."""

@@ -17,6 +17,8 @@ from minifs.errors import InvalidArgument, NotFound
 
 TYPE_CHECKING = False  # pluggy (~9 ms) is loaded only when every plugin is
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import pluggy
 
 GROUP = "minifs"
@@ -46,6 +48,7 @@ def load() -> Plugins:
     import pluggy
 
     pluggy.HookspecMarker(GROUP)(hookspecs.register_drivers)
+    pluggy.HookspecMarker(GROUP)(hookspecs.register_commands)
     manager = pluggy.PluginManager(GROUP)
     manager.add_hookspecs(hookspecs)
     allowed = os.environ.get("MINIFS_LOAD_PLUGINS")
@@ -101,6 +104,12 @@ def _named(name: str) -> type[Driver] | None:
             if isinstance(cls, type) and issubclass(cls, Driver) and cls.name == name:
                 return cls
     return None
+
+
+def add_commands(add_command: Callable[..., object]) -> None:
+    """Let every loaded plugin add its own top-level commands (the CLI asks;
+    the plugins are loaded only when the command word is none of minifs's own)."""
+    load().manager.hook.register_commands(add_command=add_command)
 
 
 def get_driver(name: str) -> type[Driver]:

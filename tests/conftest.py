@@ -84,6 +84,14 @@ def btrfs_backend(scratch: Path) -> Iterator[dict[str, str]]:
     yield {"size": "1G"}
 
 
+@backend("devicemapper")
+@contextlib.contextmanager
+def devicemapper_backend(scratch: Path) -> Iterator[dict[str, str]]:
+    """A sparse pool and clones of a size the tests fill a few percent of
+    (the largest layer they apply is 768M)."""
+    yield {"datasize": "4G", "basesize": "2G"}
+
+
 @pytest.fixture(scope="session")
 def scope(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.getbasetemp()

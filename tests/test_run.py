@@ -153,8 +153,10 @@ def test_isolation_on_every_driver(driver: str, minifs: Run, state: Path, tmp_pa
     assert out["pid1"].startswith("sh -c")
     pids = [int(p) for p in out["pids"].split()]
     assert max(pids) < 10, f"host pids visible: {pids}"
-    # pivot_root: only the container's own mounts, no old root, no host files.
-    assert set(out["mounts"].split()) == {"/", "/proc", "/dev", "/dev/pts", "/dev/shm", "/sys"}
+    # pivot_root: only the container's own mounts, no old root, no host files
+    # (mounts below /proc and /sys are the hardening's masks: test_container_security.py).
+    mounts = {m for m in out["mounts"].split() if not m.startswith(("/proc/", "/sys/"))}
+    assert mounts == {"/", "/proc", "/dev", "/dev/pts", "/dev/shm", "/sys"}
     assert "oldroot visible" not in out and "host file visible" not in out
     assert out["hostname"] == "tuna tuna"
     assert socket.gethostname() == host_name
@@ -190,8 +192,9 @@ def test_container_mounts_never_reach_the_host(
         "grep -c mfs-inside /proc/self/mountinfo && echo ready || exit 3; "
         "while :; do sleep 0.05; done"
     )
+    may_mount = ("--cap-add", "SYS_ADMIN")  # a default container may not mount at all
     proc = subprocess.Popen(
-        [MINIFS, "run", "--rm", "--driver", driver, "busybox", "sh", "-c", script],
+        [MINIFS, "run", "--rm", "--driver", driver, *may_mount, "busybox", "sh", "-c", script],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -220,10 +223,11 @@ def test_trace_names_the_seed_steps(minifs: Run) -> None:
     lines = [line for line in done.stderr.splitlines() if line.startswith("minifs trace")]
     assert all(" ms " in line for line in lines)
     steps = [line[len("minifs trace") :].split("  ")[1].strip() for line in lines]
-    monitor = ["storage", "cgroup", "fork", "image", "clone", "cgroup", "started"]
+    monitor = ["storage", "cgroup", "devices", "fork", "image", "clone", "cgroup", "started"]
     unshare = ["cgroup", "unshare", "fork"]
     pid1 = ["mount", "mount", "pivot_root", "mount proc", "umount old", "mount dev", "hostname"]
-    assert sorted(steps) == sorted([*monitor, *unshare, *pid1, "exec"]), steps
+    hardening = ["seccomp", "mask /proc", "capabilities", "seccomp"]
+    assert sorted(steps) == sorted([*monitor, *unshare, *pid1, *hardening, "exec"]), steps
     # The monitor clones while the unshare process joins the cgroup, so their
     # lines interleave; PID 1 goes on once the clone is there, in the seed's order.
     after = ["clone", "pivot_root", "mount proc", "umount old", "mount dev", "hostname", "exec"]

@@ -142,11 +142,11 @@ def clone(storage: Storage, spec: Spec, container: Container, trace: Trace) -> N
         container.workdir = spec.workdir or config.get("WorkingDir") or "/"
         container.env = _environment(spec, config, container.hostname)
         container.clone = container.name
-        container.save()
-        with trace.step("clone") as said:
-            size = check_size(spec.size, storage.name) if spec.size is not None else None
-            storage.clone(container.name, layer, {CONTAINER_LABEL: container.id}, size)
-            said.append(f"{storage.name}: clone {layer[:19]} {container.name}")
+        container.save()  # the name is this container's from here: others see the record
+    with trace.step("clone") as said:  # the state dir's lock only for the store's own steps
+        size = check_size(spec.size, storage.name) if spec.size is not None else None
+        storage.clone(container.name, layer, {CONTAINER_LABEL: container.id}, size)
+        said.append(f"{storage.name}: clone {layer[:19]} {container.name}")
 
 
 def finish(container: Container, storage: Storage | None, keep_clone: bool) -> None:
