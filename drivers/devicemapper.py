@@ -1,7 +1,7 @@
 """devicemapper: the redirect-on-write driver, thin devices with ext4 on each.
 
 Docker's devicemapper driver in minifs words: a thin pool over a data device
-(a sparse file in the home, or `devicemapper.datadev`), a base thin device
+(a sparse file in the home, or `devicemapper.device`), a base thin device
 formatted with ext4 once, and every clone, view and layer a thin snapshot:
 a clone is a snapshot of its layer's device (of the base without one), a
 commit marks the clone's device read-only (same id), a view is a read-only
@@ -86,7 +86,7 @@ class DevicemapperDriver(Driver):
     options_help = {
         "datasize": f"size of the sparse data file of the pool (default auto: "
         f"{DEFAULT_DATA_SIZE}, or 90% of the free space where it is smaller)",
-        "datadev": "a block device for the pool's data, instead of a file in the home",
+        "device": "a block device for the pool's data, instead of a file in the home",
         "basesize": f"virtual size of the base device and so of every clone without "
         f"--size (default {DEFAULT_BASE_SIZE})",
         "blocksize": "the pool's block size, a power of two from 4K to 1G (default 64K)",
@@ -109,10 +109,10 @@ class DevicemapperDriver(Driver):
             )
         if engine != "userspace":
             raise InvalidArgument(f"devicemapper.engine={engine} is not one of userspace, kernel")
-        if "datadev" in options and options.get("datasize", AUTO) != AUTO:
+        if "device" in options and options.get("datasize", AUTO) != AUTO:
             raise InvalidArgument(
                 "devicemapper.datasize is for the data file minifs makes; with "
-                "devicemapper.datadev the device's own size counts, so give one or the other"
+                "devicemapper.device the device's own size counts, so give one or the other"
             )
         _size_option(options, "datasize", MIN_DATA_SIZE, "a pool of a few hundred blocks")
         _size_option(options, "basesize", MIN_BASE_SIZE, "the smallest useful ext4")
@@ -122,15 +122,15 @@ class DevicemapperDriver(Driver):
                 f"devicemapper.blocksize={options['blocksize']} is not a power of two from "
                 "4K to 1G; Docker's default is 64K"
             )
-        device = options.get("datadev")
+        device = options.get("device")
         if device is not None and not Path(device).is_block_device():
             raise InvalidArgument(
-                f"devicemapper.datadev={device} is not a block device; give one like "
+                f"devicemapper.device={device} is not a block device; give one like "
                 "/dev/sdb, or leave it out for a data file in the home"
             )
 
     def settle_options(self, options: dict[str, str]) -> dict[str, str]:
-        if "datadev" in options:
+        if "device" in options:
             options.pop("datasize", None)
         elif options["datasize"] == AUTO:
             wanted = parse_size(DEFAULT_DATA_SIZE)
@@ -171,7 +171,7 @@ class DevicemapperDriver(Driver):
 
     @property
     def data_path(self) -> Path:
-        device = self.options.get("datadev")
+        device = self.options.get("device")
         return Path(device) if device else self.home / "pool" / "data"
 
     @property
@@ -211,7 +211,7 @@ class DevicemapperDriver(Driver):
 
         shutil.rmtree(self.home / "pool", ignore_errors=True)  # a failed first start's
         self.meta_dir.mkdir(parents=True)
-        if "datadev" not in self.options:
+        if "device" not in self.options:
             try:
                 make_image(self.data_path, parse_size(self.options["datasize"]), None)
             except OSError as exc:
@@ -288,29 +288,19 @@ class DevicemapperDriver(Driver):
         """One request on the daemon's control file, its answer back."""
         control = self.devices_dir / ".control"
         try:
-            fd = os.open(control, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as exc:
+            answer = pool_request(self.devices_dir, request)
+        except _NoDaemon as exc:
             raise BackendError(
-                f"the thin pool daemon does not answer at {control} ({exc.strerror}); "
+                f"the thin pool daemon does not answer at {control} ({exc.args[0]}); "
                 "run 'minifs down', then retry (see its log in "
                 f"{self.home / 'run' / 'thin-daemon.log'})"
             ) from None
-        try:
-            os.write(fd, json.dumps(request).encode())
-            chunks, at = [], 0
-            while chunk := os.pread(fd, 1 << 20, at):
-                chunks.append(chunk)
-                at += len(chunk)
         except OSError as exc:
             raise BackendError(
                 f"the thin pool daemon failed during {request['op']} ({exc.strerror}); "
                 f"'minifs gc' restarts it and finishes or undoes the operation (its log: "
                 f"{self.home / 'run' / 'thin-daemon.log'})"
             ) from None
-        finally:
-            with contextlib.suppress(OSError):  # ENOTCONN once the daemon is gone
-                os.close(fd)
-        answer = json.loads(b"".join(chunks))
         if "error" in answer:
             if answer.get("full"):
                 raise BackendError(
@@ -486,6 +476,30 @@ class DevicemapperDriver(Driver):
     def dump(self) -> str:
         """The pool's mappings as thin_dump XML (`minifs thin dump`)."""
         return str(self._ask({"op": "dump"}))
+
+
+class _NoDaemon(Exception):
+    """The control file cannot be opened: no daemon serves the pool."""
+
+
+def pool_request(devices: Path, request: Mapping[str, object]) -> dict:
+    """One request written to the pool daemon's control file (`devices/.control`,
+    the daemon's whole interface, as `dmsetup message` is a kernel pool's), and
+    its JSON answer: `{"ok": ...}` or `{"error": ...}`."""
+    try:
+        fd = os.open(devices / ".control", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _NoDaemon(exc.strerror) from None
+    try:
+        os.write(fd, json.dumps(request).encode())
+        chunks, at = [], 0
+        while chunk := os.pread(fd, 1 << 20, at):
+            chunks.append(chunk)
+            at += len(chunk)
+    finally:
+        with contextlib.suppress(OSError):  # ENOTCONN once the daemon is gone
+            os.close(fd)
+    return json.loads(b"".join(chunks))
 
 
 def _superblock(device: Path) -> bytes:
