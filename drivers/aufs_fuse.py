@@ -86,20 +86,28 @@ class Union:
     def start(self, chroot: Path, writable: str | None, readonly: Sequence[str]) -> None:
         """Mount the branches (ids below `chroot`, the writable one first)
         at `target`, unless this union already serves them there."""
-        if self.running():
-            return
-        self.stop()  # what a dead daemon left: its record, its dead mount
         count = len(readonly) + (writable is not None)
         if count > MAX_BRANCHES:
             raise TooManyLayers(
                 f"{count} branches do not fit in one unionfs-fuse argument (at most "
                 f"{MAX_BRANCHES}: the kernel passes 128 KiB per argument); flatten the image"
             )
+        missing = [b for b in [writable, *readonly] if b and not (chroot / b).is_dir()]
+        if missing:  # unionfs-fuse serves a union without them, silently, running or not
+            raise BackendError(f"branch {chroot / missing[0]} of {self.sid} is missing")
+        if self.running():
+            return
+        self.stop()  # what a dead daemon left: its record, its dead mount
         specs = ([f"/{writable}=RW"] if writable else []) + [f"/{b}=RO" for b in readonly]
         options = [
             "cow",
             "hide_meta_files",
             "use_ino",  # inode numbers of the branch files: hard links stay visible
+            # No attribute cache: a copy-up creates the file in the branch's
+            # directory, changing that directory's mtime behind the kernel's
+            # back, and a cached one would show the old time for a second (two
+            # diffs in a row would differ). Each stat asks the daemon instead.
+            "attr_timeout=0",
             "allow_other",
             "suid",
             "dev",

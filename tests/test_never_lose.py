@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from minifs import linux
+from minifs_drivers.devicemapper import pool_request
 from tests.conftest import MINIFS, driver_params, refused
 from tests.test_cli import on_driver
 
@@ -170,7 +171,8 @@ def test_deleted_layer_is_reported_with_its_dependents(driver, run, root, tmp_pa
 
 def destroy_behind_back(driver: str, home: Path, sid: str) -> None:
     """What a careless operator does to one layer's data with the backend's own
-    tools: `zfs destroy`, `btrfs subvolume delete`, or `rm -rf`."""
+    tools: `zfs destroy`, `btrfs subvolume delete`, the thin pool's delete, or
+    `rm -rf` (of the object, not of where minifs mounts it)."""
     if driver == "zfs":
         argv = ["zfs", "list", "-H", "-o", "name", "-t", "filesystem"]
         names = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()
@@ -180,7 +182,20 @@ def destroy_behind_back(driver: str, home: Path, sid: str) -> None:
                 return
             time.sleep(0.1)
         raise AssertionError(f"cannot destroy {dataset}")
-    found = [p for p in home.rglob(sid) if p.is_dir() and "records" not in p.parts]
+    if driver == "devicemapper":  # as `umount`, `dmsetup remove`, `dmsetup message POOL 0 delete`
+        if linux.is_mountpoint(home / "mnt" / sid):  # inspect mounted it to give its records
+            linux.umount(home / "mnt" / sid)
+        listed = ["losetup", "--noheadings", "-O", "NAME", "-j", str(home / "devices" / sid)]
+        for device in subprocess.run(listed, capture_output=True, text=True).stdout.split():
+            subprocess.run(["losetup", "--detach", device], check=True)
+        answer = pool_request(home / "devices", {"op": "delete", "name": sid})
+        assert "ok" in answer, answer
+        return
+    found = [
+        p
+        for p in home.rglob(sid)
+        if p.is_dir() and not {"records", "mnt", "run"} & set(p.relative_to(home).parts)
+    ]
     assert found, f"no directory of {sid} under {home}"
     if driver == "btrfs":
         subprocess.run(["btrfs", "subvolume", "delete", str(found[0])], check=True,

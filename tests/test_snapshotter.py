@@ -233,17 +233,7 @@ def _gone(snap: Snapshotter, timeout: float = 30) -> list[str]:
     return left
 
 
-E2E_DRIVERS = [
-    p
-    if p.values[0] != "zfs" or "zfs" in os.environ.get("MINIFS_TEST_DRIVERS", "").split(",")
-    else pytest.param(
-        "zfs",
-        marks=pytest.mark.skip(
-            reason="zfs: only when MINIFS_TEST_DRIVERS names it (one zfs-fuse daemon per machine)"
-        ),
-    )
-    for p in driver_params()
-]
+E2E_DRIVERS = driver_params()
 
 
 # -- end to end --------------------------------------------------------------------
