@@ -303,12 +303,15 @@ class DevicemapperDriver(Driver):
             ) from None
         if "error" in answer:
             if answer.get("full"):
-                raise BackendError(
-                    f"the thin pool in {self.home} is full; remove snapshots ('minifs rm "
-                    "NAME') or make the store with a larger devicemapper.datasize"
-                )
+                raise self._full()
             raise BackendError(f"thin pool: {answer['error']}")
         return answer["ok"]
+
+    def _full(self) -> BackendError:
+        return BackendError(
+            f"the thin pool in {self.home} is full; remove snapshots ('minifs rm "
+            "NAME') or make the store with a larger devicemapper.datasize"
+        )
 
     def _release(self, sid: str) -> None:
         """Unmount minifs's own mount of `sid` and detach its loop device;
@@ -428,7 +431,14 @@ class DevicemapperDriver(Driver):
                 # a loop cache in between would only copy every block again.
                 run(["losetup", "--direct-io=on", device], f"set direct I/O on {device}")
             target = self.mnt_dir / sid
-            self.resources.mount(f"mnt-{sid}", device, target, "ext4", f"{mode},noinit_itable")
+            try:
+                self.resources.mount(f"mnt-{sid}", device, target, "ext4", f"{mode},noinit_itable")
+            except BackendError:
+                # ext4 writes its superblock on mount: in a full pool that
+                # write fails, and mount(2) says only "Input/output error".
+                if self._ask({"op": "status"})["free_blocks"] == 0:  # type: ignore[index]
+                    raise self._full() from None
+                raise
         return [Mount("bind", str(target), ("bind", mode))]
 
     def unmounted(self, sid: str) -> None:
@@ -459,7 +469,14 @@ class DevicemapperDriver(Driver):
     # -- measuring -------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Commit the pool (its data and metadata on their device), then syncfs."""
+        """syncfs of every thin device's ext4 minifs has mounted (what a clone
+        wrote sits in its own page cache until then, not in the pool's), then
+        commit the pool (its data and metadata on their device), then syncfs
+        of the home."""
+        for record in self.resources.load():
+            if record["type"] == "mount" and record["key"].startswith("mnt-"):
+                with contextlib.suppress(OSError):  # unmounted meanwhile: nothing dirty
+                    linux.syncfs(record["target"])
         self._ask({"op": "commit"})
         super().flush()
 

@@ -134,6 +134,17 @@ def _four_byte_update(session: Session, size: int) -> dict:
     )
 
 
+@pytest.mark.parametrize("session", driver_params(), indirect=True)
+def test_a_new_file_reaches_the_bench_disk_on_every_driver(session):
+    """What a clone writes is counted once the driver's flush returns, wherever
+    the driver keeps it dirty (devicemapper: each thin device's own ext4)."""
+    session.build_image()
+    sample = amplification._sample(
+        session, IMAGE, amplification._file_writer(8 * MiB), lambda root: None
+    )
+    assert 8 * MiB <= sample["device_bytes"] < 24 * MiB, sample
+
+
 @pytest.mark.parametrize("session", ["overlay2"], indirect=True)
 def test_overlay2_copy_up_of_64m_is_counted_whole(session):
     sample = _four_byte_update(session, 64 * MiB)
