@@ -31,13 +31,16 @@ import fcntl
 import json
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from minifs import linux
 from minifs.errors import BackendError, InUse, StateDirError
+
+TYPE_CHECKING = False  # subprocess (~2 ms) is loaded by the calls that start a process
+if TYPE_CHECKING:
+    import subprocess
 
 OWNER_ENV = "MINIFS_OWNER"
 """Set in the environment of every daemon minifs starts, so leaks can be found."""
@@ -49,6 +52,8 @@ def run(argv: Sequence[str], what: str) -> str:
     The command dies with minifs (PR_SET_PDEATHSIG): a SIGKILLed `minifs clone`
     must not leave `cp -a` writing into a directory that the next `gc` removes.
     """
+    import subprocess
+
     parent = os.getpid()
     try:
         done = subprocess.run(
@@ -267,6 +272,8 @@ class Resources:
     ) -> subprocess.Popen:
         """A daemon in its own session, in / (so it never keeps a directory
         busy that a test or the user unmounts later), tagged with OWNER_ENV."""
+        import subprocess
+
         full_env = {**os.environ, **(env or {}), OWNER_ENV: str(self.run_dir)}
         out = open(log or os.devnull, "ab")  # noqa: SIM115 - handed to the child
         with out:
@@ -379,6 +386,8 @@ class Resources:
 
 def _pool_guid(pool: str) -> str | None:
     """The guid of the imported pool `pool`, or None (not imported, no ZFS)."""
+    import subprocess
+
     try:
         done = subprocess.run(
             ["zpool", "list", "-H", "-o", "name,guid", pool],
@@ -396,6 +405,8 @@ def _pool_guid(pool: str) -> str | None:
 
 def _export(pool: str, wait: float = EXPORT_WAIT) -> None:
     """`zpool export`, retried with back-off while the pool is busy."""
+    import subprocess
+
     delay, deadline = 0.02, time.monotonic() + wait
     while True:
         done = subprocess.run(
@@ -421,6 +432,8 @@ def _export(pool: str, wait: float = EXPORT_WAIT) -> None:
 def _stop_daemon(record: dict) -> bool:
     """Stop a recorded daemon unless its idle probe says it still serves
     someone; under its lock, so nobody starts using it as it goes."""
+    import subprocess
+
     lock = record.get("lock")
     with flocked(lock) if lock else contextlib.nullcontext():
         probe = record.get("idle_probe")

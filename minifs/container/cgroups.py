@@ -27,8 +27,8 @@ import errno
 import os
 import signal
 import time
+from collections import namedtuple
 from pathlib import Path
-from typing import NamedTuple
 
 from minifs.container import ContainerError
 from minifs.container.spec import CPU_PERIOD_US, Limits
@@ -43,7 +43,9 @@ V2_CONTROLLERS = ("cpu", "memory", "pids")
 """On v2 the usage counter (cpu.stat) is in every cgroup: no cpuacct."""
 
 
-class Hierarchy(NamedTuple):
+class Hierarchy(namedtuple("Hierarchy", "mountpoint root controllers version")):
+    __slots__ = ()
+
     mountpoint: Path
     root: str
     """The mount's root inside the hierarchy (not "/" inside a cgroup namespace)."""
@@ -51,8 +53,10 @@ class Hierarchy(NamedTuple):
     version: int
 
 
-class Place(NamedTuple):
+class Place(namedtuple("Place", "version base parent home")):
     """Where one controller's container cgroups go."""
+
+    __slots__ = ()
 
     version: int
     base: Path
@@ -176,9 +180,11 @@ def _enable(cgroup: Path, controllers: list[str]) -> None:
                 ) from None
 
 
-class Cgroup(NamedTuple):
+class Cgroup(namedtuple("Cgroup", "paths v2 bases homes")):
     """A container's cgroup directories, by controller (see Limits for why a
     NamedTuple)."""
+
+    __slots__ = ()
 
     paths: dict[str, str]
     """controller -> its directory; the v2 controllers share one."""

@@ -10,7 +10,6 @@ import contextlib
 import os
 import signal
 import time
-from typing import TYPE_CHECKING
 
 from minifs.container import ContainerError, records
 from minifs.container.cgroups import Cgroup
@@ -21,6 +20,7 @@ from minifs.container.trace import Trace
 from minifs.errors import NotFound
 from minifs.resources import process_start_time
 
+TYPE_CHECKING = False  # typing costs ~2 ms of every start; annotations only need it here
 if TYPE_CHECKING:
     from minifs.storage import Storage
 

@@ -13,7 +13,7 @@ the masks, the device list and seccomp; what `--read-only`, `--user` and
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from collections import namedtuple
 
 from minifs.container import ContainerError, capabilities, seccomp
 
@@ -38,20 +38,39 @@ processes) or change the host (sysctls, sysrq, interrupts, power limits)."""
 USER_PATTERN = r"([A-Za-z0-9_][A-Za-z0-9_.-]*)(:([A-Za-z0-9_][A-Za-z0-9_.-]*))?"
 
 
-class Security(NamedTuple):
+_SECURITY_FIELDS = (
+    "capabilities privileged seccomp no_new_privileges read_only tmpfs user masked_paths "
+    "read_only_paths devices"
+)
+_SECURITY_DEFAULTS = (
+    False,
+    "default",
+    False,
+    False,
+    [],
+    None,
+    list(MASKED_PATHS),
+    list(READ_ONLY_PATHS),
+    "default",
+)
+
+
+class Security(namedtuple("Security", _SECURITY_FIELDS, defaults=_SECURITY_DEFAULTS)):
     """The effective settings, as the record and `minifs inspect` keep them."""
 
+    __slots__ = ()
+
     capabilities: list[str]
-    privileged: bool = False
-    seccomp: str | None = "default"
+    privileged: bool
+    seccomp: str | None
     """"default", a profile's path, or None for unconfined."""
-    no_new_privileges: bool = False
-    read_only: bool = False
-    tmpfs: list[str] = []
-    user: str | None = None
-    masked_paths: list[str] = list(MASKED_PATHS)
-    read_only_paths: list[str] = list(READ_ONLY_PATHS)
-    devices: str = "default"
+    no_new_privileges: bool
+    read_only: bool
+    tmpfs: list[str]
+    user: str | None
+    masked_paths: list[str]
+    read_only_paths: list[str]
+    devices: str
     """"default" (null zero full random urandom tty ptmx pts) or "all"."""
 
     @classmethod

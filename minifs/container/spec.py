@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from collections import namedtuple
 
 from minifs.container import ContainerError
 from minifs.errors import InvalidArgument
 from minifs.loopdisk import parse_size
+from minifs.mutable import Record
 
+TYPE_CHECKING = False  # typing costs ~2 ms of every start; annotations only need it here
 if TYPE_CHECKING:
     from minifs.container.seccomp import Profile
     from minifs.container.security import Security
@@ -71,14 +72,16 @@ def check_size(text: str, driver: str) -> int:
     return size
 
 
-class Limits(NamedTuple):
-    """cgroup limits; None means unlimited. A NamedTuple, like the other value
+class Limits(namedtuple("Limits", "memory cpus pids", defaults=(None, None, None))):
+    """cgroup limits; None means unlimited. A named tuple, like the other value
     types of the launcher: a frozen dataclass costs each `minifs run` over a
-    millisecond to build at import, a NamedTuple a fifth of that."""
+    millisecond to build at import, a named tuple a fifth of that (and
+    typing.NamedTuple would import typing)."""
 
-    memory: int | None = None
-    cpus: float | None = None
-    pids: int | None = None
+    __slots__ = ()
+    memory: int | None
+    cpus: float | None
+    pids: int | None
 
     @property
     def cpu_quota_us(self) -> int | None:
@@ -97,21 +100,20 @@ class Limits(NamedTuple):
         return cls(None if memory is None else parse_memory(memory), cpus, pids)
 
 
-@dataclass
-class Spec:
+class Spec(Record):
     """One `minifs run`, parsed and checked."""
 
     image: str
-    command: list[str] = field(default_factory=list)
+    command: list[str] = []
     name: str | None = None
     driver: str = "overlay2"
     hostname: str | None = None
-    limits: Limits = field(default_factory=Limits)
+    limits: Limits = Limits()
     net: str = "none"
     ip: str | None = None
     masquerade: bool = False
     size: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = {}
     workdir: str | None = None
     remove: bool = False
     detach: bool = False

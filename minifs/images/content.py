@@ -11,7 +11,6 @@ import in progress still needs.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 from collections.abc import Iterator
@@ -35,6 +34,8 @@ def check_digest(digest: str) -> str:
 
 
 def digest_bytes(data: bytes) -> str:
+    import hashlib  # not at the top: OpenSSL's ~3 ms, which reading an image never needs
+
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
@@ -117,6 +118,7 @@ class Staging:
 
     def add_stream(self, stream: BinaryIO, expected: str | None = None) -> str:
         """Copy a blob in, hashing it; refuse it if it is not `expected`."""
+        import hashlib
         import tempfile
 
         fd, tmp = tempfile.mkstemp(dir=self.where, prefix="part-")
