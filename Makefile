@@ -69,6 +69,12 @@ bench-cli: setup bytecode
 		echo "docker.io did not install; minifs bench --cli leaves docker out"
 	$(VENV)/bin/minifs bench --cli --runs 20
 
+# devicemapper's sequential write/read and 4-byte update against ext4 on a loop
+# device over a plain file (the floor), 512 MiB, in one run.
+.PHONY: bench-thin
+bench-thin: setup bytecode
+	$(PY) -m minifs_bench.thin_throughput --output results/thin/throughput.json
+
 # Random SIGKILLs over clone, snapshot, rm, apply, image import and run, each
 # followed by gc and a check that nothing committed was lost (make test runs 6
 # per driver). MINIFS_KILL_TRIALS=N sets the count, MINIFS_KILL_SEED replays one.
