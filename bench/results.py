@@ -338,6 +338,18 @@ class Footprint:
     definitions: dict[str, str]
 
 
+def _opening_of_last(text: str) -> int | None:
+    """Where the parenthesis that closes `text` opens (balanced), or None."""
+    if not text.endswith(")"):
+        return None
+    depth = 0
+    for i in range(len(text) - 1, -1, -1):
+        depth += {")": 1, "(": -1}.get(text[i], 0)
+        if depth == 0:
+            return i
+    return None
+
+
 @dataclass(frozen=True)
 class DriverRun:
     """One driver's results within one bench run."""
@@ -358,10 +370,15 @@ class DriverRun:
     @property
     def label(self) -> str:
         """The driver with its backend, as legends show it: "zfs (zfs-fuse)",
-        "overlay2 (kernel overlayfs)"; a parenthesis in the backend is its short form."""
+        "overlay2 (kernel overlayfs)". A parenthesis closing the backend is its
+        short form; one that holds parentheses of its own is a remark instead
+        (a reason, as older devicemapper results carry), and the words before
+        it name the backend."""
         backend = self.backend or "unknown backend"
-        if backend.endswith(")") and "(" in backend:
-            backend = backend[backend.rindex("(") + 1 : -1]
+        opening = _opening_of_last(backend)
+        if opening is not None:
+            inner = backend[opening + 1 : -1]
+            backend = inner if "(" not in inner else backend[:opening].strip()
         return f"{self.name} ({backend})"
 
     def metrics(self) -> list[str]:

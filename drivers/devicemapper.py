@@ -66,8 +66,8 @@ class _Backend:
 
     def __get__(self, obj: object, owner: type | None = None) -> str:
         why = devicemapper_kernel.unavailable()
-        kernel = f"unavailable: {why}" if why else "present, not used by this minifs"
-        return f"userspace thin pool over FUSE (kernel dm-thin {kernel})"
+        kernel = f"unavailable, {why}" if why else "present, not used by this minifs"
+        return f"userspace thin pool over FUSE; kernel dm-thin {kernel} (userspace)"
 
 
 def _size_option(options: Mapping[str, str], key: str, minimum: int, why: str) -> None:

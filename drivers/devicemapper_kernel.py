@@ -25,10 +25,10 @@ def unavailable() -> str | None:
             stdin=subprocess.DEVNULL,
         )
     except FileNotFoundError:
-        return "no dmsetup (apt-get install dmsetup)"
+        return "no dmsetup: apt-get install dmsetup"
     except subprocess.TimeoutExpired:
         return "dmsetup targets did not answer"
     targets = {line.split()[0] for line in done.stdout.splitlines() if line.strip()}
     if done.returncode != 0 or "thin-pool" not in targets:
-        return "no dm-thin (dmsetup targets lacks thin-pool)"
+        return "no dm-thin: dmsetup targets lacks thin-pool"
     return None

@@ -338,3 +338,23 @@ def test_bad_cli_file_refused_and_bench_and_cli_reported_together(tmp_path):
         "</code>", ""
     )
     assert "Files left out" in page and "cli-future.json" in page
+
+
+@pytest.mark.parametrize(
+    ("backend", "label"),
+    [
+        ("zfs/zpool commands (zfs-fuse)", "zfs (zfs-fuse)"),
+        ("kernel overlayfs", "zfs (kernel overlayfs)"),
+        ("", "zfs (unknown backend)"),
+        ("thin pool over FUSE; kernel dm-thin unavailable (userspace)", "zfs (userspace)"),
+        # A remark with parentheses of its own, as devicemapper results before 2026-12-07 carry.
+        ("userspace thin pool over FUSE (kernel dm-thin unavailable: no dm-thin (x))",
+         "zfs (userspace thin pool over FUSE)"),
+    ],
+)  # fmt: skip
+def test_legend_label_takes_the_backends_short_form(backend, label):
+    run = results.DriverRun(
+        name="zfs", kind="cow", backend=backend, version=None, disk_filesystem=None,
+        errors=(), wall_seconds=None, status={},
+    )  # fmt: skip
+    assert run.label == label

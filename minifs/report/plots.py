@@ -320,7 +320,15 @@ def _bars(
 
 
 def _entry_axis(ax: Axes, entries: Sequence[Entry]) -> None:
-    ax.set_xticks(range(len(entries)), [_short(e, entries) for e in entries])
+    # Slanted: six or more driver names side by side in half a figure's width
+    # would run into each other ("btrfsdevicemapperoverlay2").
+    ax.set_xticks(
+        range(len(entries)),
+        [_short(e, entries) for e in entries],
+        rotation=30,
+        ha="right",
+        rotation_mode="anchor",
+    )
     ax.set_yscale("log")
     ax.grid(True, axis="y", alpha=0.3)
 
@@ -379,7 +387,7 @@ def clones(entries: Sequence[Entry]) -> Figure | None:
     _bars(small, predicted, 0.2, 0.4, "//")
     for i, run in enumerate(runs):
         small.annotate(
-            f"{run.clones}\n{human_size(run.disk_size)} disk\n{run.first_exhausted} ran out",
+            f"{run.clones}\n{human_size(run.disk_size)}\n{run.first_exhausted}",
             (i - 0.2, run.clones),
             xytext=(0, 4),
             textcoords="offset points",
@@ -387,7 +395,7 @@ def clones(entries: Sequence[Entry]) -> Figure | None:
             va="bottom",
             fontsize="x-small",
         )
-    small.set_title("clones that fitted a small disk, made until one failed")
+    small.set_title("clones that fitted a small disk until one failed\n(the disk, what ran out)")
     small.set_ylabel("clones (log scale)")
     small.margins(y=0.35)
     fits = [
@@ -398,7 +406,7 @@ def clones(entries: Sequence[Entry]) -> Figure | None:
     for i, (_, f) in enumerate(found):
         if f.bench_disk and f.bench_disk.clones:
             bench.annotate(
-                f"{f.bench_disk.clones:.0f}\n{f.bench_disk.first_exhausted} runs out",
+                f"{f.bench_disk.clones:.0f}\n{f.bench_disk.first_exhausted}",
                 (i, f.bench_disk.clones),
                 xytext=(0, 4),
                 textcoords="offset points",
@@ -406,7 +414,7 @@ def clones(entries: Sequence[Entry]) -> Figure | None:
                 va="bottom",
                 fontsize="x-small",
             )
-    bench.set_title("clones the bench disk would fit, by the cost per clone")
+    bench.set_title("clones the bench disk would fit, by the cost per clone\n(what runs out)")
     bench.set_ylabel("clones (log scale)")
     bench.margins(y=0.35)
     for ax in (small, bench):
