@@ -206,7 +206,7 @@ def _pool(devices: Path, request: dict) -> dict:
     from minifs_drivers.devicemapper import pool_request
 
     answer = pool_request(devices, request)
-    if request["op"] != "delete" and "error" in answer:
+    if "error" in answer:
         raise BackendError(f"bare thin {request['op']}: {answer['error']}")
     return answer
 
@@ -244,14 +244,7 @@ class BareThin(Bare):
         linux.umount(scratch)
         scratch.rmdir()
         run(["losetup", "--detach", device], "bare losetup --detach")
-        deadline = time.monotonic() + 10
-        while True:  # the daemon sees the loop device's release a moment later
-            answer = _pool(devices, {"op": "delete", "name": scratch.name})
-            if "error" not in answer:
-                return
-            if "is open" not in answer["error"] or time.monotonic() > deadline:
-                raise BackendError(f"bare thin delete {scratch.name}: {answer['error']}")
-            time.sleep(0.001)
+        _pool(devices, {"op": "delete", "name": scratch.name})
 
 
 BARE: dict[str, Bare] = {

@@ -38,10 +38,3 @@ class Record:
     def __repr__(self) -> str:
         shown = ", ".join(f"{key}={getattr(self, key)!r}" for key in self.FIELDS)
         return f"{type(self).__name__}({shown})"
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return vars(self) == vars(other)
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass is
