@@ -314,11 +314,11 @@ class Storage:
                         else:
                             self.driver.prepare(sid, chain)
                     failpoints.hit(f"{kind.value}:after-driver")
+                    self.store.set_state(sid, State.READY)  # its record may meet a full disk
                 except BaseException:
                     self.driver.remove(sid)
                     self.store.delete(sid)
                     raise
-                self.store.set_state(sid, State.READY)
             return self.stat(name)
 
     def snapshot(

@@ -534,7 +534,14 @@ def _write_record(where: Path, text: str) -> None:
     where.mkdir(parents=True, exist_ok=True)
     older = _listdir(where)
     name = f"{time.time_ns():020d}-{os.getpid()}.json"
-    (where / name).write_text(text)
+    try:
+        (where / name).write_text(text)
+    except OSError:  # a full disk: leave no torn record, nor an empty directory
+        (where / name).unlink(missing_ok=True)
+        if not older:
+            with contextlib.suppress(OSError):
+                where.rmdir()
+        raise
     for stale in older:
         if stale != name:
             (where / stale).unlink(missing_ok=True)

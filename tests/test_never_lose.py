@@ -332,6 +332,50 @@ def test_full_state_disk_is_survived(driver, cli, tmpfs, tmp_path):
         run("down")
 
 
+def test_clone_failing_on_a_full_driver_disk_leaves_nothing(driver, tmpfs, tmp_path):
+    """A clone stopped by a full disk at any of its steps (the intent's record,
+    the backend's work, the record saying it is ready) is undone in the same
+    command: no row left creating (the process itself could not remove it),
+    no torn record, no empty record directory. The driver's home is a tmpfs
+    given one more inode each try, until the clone fits."""
+    from minifs.errors import MinifsError
+    from minifs.storage import Storage
+
+    if driver not in ("vfs", "overlay2", "aufs"):
+        pytest.skip(f"{driver} keeps its snapshots in an image or pool of its own")
+    root = tmp_path / "state"
+    (root / "drivers").mkdir(parents=True)
+    home = tmpfs(f"state/drivers/{driver}", "size=8m,nr_inodes=1000")
+
+    def inodes() -> int:
+        st = os.statvfs(home)
+        return st.f_files - st.f_ffree
+
+    with Storage(driver, root) as storage:
+        storage.clone("base")
+        storage.snapshot("base", "layer")
+        storage.clone("warm", "layer")  # what a driver keeps once it has cloned at all
+        storage.remove("warm")
+        used = inodes()
+        failures = []
+        for spare in range(40):
+            subprocess.run(["mount", "-o", f"remount,nr_inodes={used + spare}", home], check=True)
+            try:
+                storage.clone("c", "layer")
+            except (MinifsError, OSError) as exc:
+                failures.append(str(exc))
+                assert storage.find("c") is None, (spare, exc)
+                assert inodes() == used, (spare, exc)
+                continue
+            storage.remove("c")
+            break
+        else:
+            pytest.fail("the clone never fit")
+        assert len(failures) >= 3, failures  # the record, the backend and the ready record
+        assert [i.name for i in storage.list()] == ["layer"]
+        storage.down()
+
+
 # -- 7: one clone, one mount -----------------------------------------------------------
 
 
