@@ -888,5 +888,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         gc.freeze()
 
 
+def entry() -> int:
+    """The `minifs` script: `main`, then, when the interpreter's own exit has
+    nothing left to do (output flushed, no other thread, no exit hook), an
+    exit that skips tearing down every module it loaded: ~3 ms of a `minifs
+    run`, more than the container's whole mount setup."""
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        return code  # the usual exit reports it
+    import atexit
+
+    if "threading" not in sys.modules and atexit._ncallbacks() == 0:
+        os._exit(code & 0xFF)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

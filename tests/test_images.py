@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from minifs import linux
-from minifs.images import ensure_busybox, image_config, resolve_layer
+from minifs.images import ensure_busybox, resolve_image, resolve_layer
 from minifs.images.catalog import LAYER_LABEL
 from minifs.resources import owner_alive
 from minifs.storage import TRANSIENT_LABEL
@@ -136,11 +136,12 @@ def _tree(storage, mount, name: str) -> treeinfo.Tree:
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_busybox_image_runs_on_every_driver(driver, root, open_storage, mount):
     ref = ensure_busybox(root)
-    assert image_config(root, ref)["Cmd"] == ["sh"]
     assert ensure_busybox(root) == ref  # built once
     storage = open_storage(driver)
-    layer = resolve_layer(storage, "busybox")
+    layer, config = resolve_image(storage, ref)
+    assert config["Cmd"] == ["sh"]
     assert resolve_layer(storage, "busybox") == layer
+    assert resolve_image(storage, layer) == (layer, {})  # a layer name has no config
     storage.clone("box", layer)
     with mount(storage, "box") as path:
         done = subprocess.run(
@@ -172,7 +173,7 @@ def test_podman_archive_unpacks_to_podmans_own_tree(
     reference = treeinfo.record(podman_archives["reference"])
     expected = _without_podman_additions(reference)
     assert treeinfo.differences(expected, _without_podman_additions(tree)) == []
-    config = image_config(storage.state.root, "localhost/layered:1")
+    config = resolve_image(storage, "localhost/layered:1")[1]
     assert "FOO=bar" in config["Env"] and config["WorkingDir"] == "/data"
 
 

@@ -223,8 +223,10 @@ def test_trace_names_the_seed_steps(minifs: Run) -> None:
     lines = [line for line in done.stderr.splitlines() if line.startswith("minifs trace")]
     assert all(" ms " in line for line in lines)
     steps = [line[len("minifs trace") :].split("  ")[1].strip() for line in lines]
-    monitor = ["storage", "cgroup", "devices", "fork", "image", "clone", "cgroup", "started"]
-    unshare = ["cgroup", "unshare", "fork"]
+    monitor = ["cgroup", "devices", "fork", "storage", "image", "clone", "started"]
+    # The unshare process joins the cgroup and, once PID 1 is forked, leaves
+    # the pids one (on cgroup2 the monitor moves it: the same step count).
+    unshare = ["cgroup", "unshare", "fork", "cgroup"]
     pid1 = ["mount", "mount", "pivot_root", "mount proc", "umount old", "mount dev", "hostname"]
     hardening = ["seccomp", "mask /proc", "capabilities", "seccomp"]
     assert sorted(steps) == sorted([*monitor, *unshare, *pid1, *hardening, "exec"]), steps
@@ -288,6 +290,56 @@ def test_image_entrypoint_cmd_env_workdir_as_docker(
 
 
 # -- cgroup limits -------------------------------------------------------------------
+
+
+def _members(directory: Path) -> set[int]:
+    return {int(pid) for pid in (directory / "cgroup.procs").read_text().split()}
+
+
+def test_container_is_in_every_cgroup_and_its_unshare_process_only_out_of_pids(
+    minifs: Run, state: Path
+) -> None:
+    """The join writes the joining thread to `tasks` (see Cgroup.join): the
+    whole process must be moved, and PID 1 forked after it too; the unshare
+    process takes none of the container's --pids."""
+    done = minifs("run", "-d", "--name", "member", "--pids", "8", "busybox", "sleep", "30")
+    assert done.returncode == 0, done.stderr
+    try:
+        data = inspect(minifs, "member")
+        pid1 = data["pid"]
+        status = Path(f"/proc/{pid1}/status").read_text()
+        unshare = int(status.split("PPid:")[1].split()[0])
+        pids_dir = cgroup_dir(data, "pids")
+        for controller in data["cgroup"]["paths"]:
+            where = cgroup_dir(data, controller)
+            assert pid1 in _members(where), controller
+            assert (unshare in _members(where)) == (where != pids_dir), controller
+        assert (pids_dir / "pids.max").read_text().strip() == "8"
+    finally:
+        assert minifs("stop", "member").returncode == 0
+        assert minifs("rm", "member").returncode == 0
+    no_containers_left(minifs, state)
+
+
+def test_storage_refused_after_the_fork_leaves_nothing(env: dict[str, str], tmp_path: Path) -> None:
+    """The unshare process is forked before the storage opens (its cgroup join
+    overlaps the opening): a store refused then is still one line, 125, and
+    the record, cgroup and processes made for the container are gone."""
+    root = tmp_path / "state"
+    local = {**env, "MINIFS_ROOT": str(root), "MINIFS_DRIVER": "vfs"}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [MINIFS, *args], capture_output=True, text=True, env=local, timeout=60, check=False
+        )
+
+    assert run("clone", "seed").returncode == 0
+    for path in root.glob("metadata.db*"):
+        path.unlink()
+    done = run("run", "--rm", "busybox", "true")
+    assert done.returncode == 125, done.stderr
+    assert "metadata store" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not list((root / "containers").iterdir())
 
 
 def test_cpu_limit_holds_a_busy_loop_to_20_percent(minifs: Run) -> None:

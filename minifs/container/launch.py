@@ -15,10 +15,11 @@ Three processes, as in the seed's `ps` output (bash, unshare, bash):
   execs the command.
 
 The seed clones first; here the unshare process is forked right after the
-cgroup is made and the storage backend is up, and the monitor resolves the
-image and clones while it runs. Joining a cgroup v1 hierarchy costs the kernel
-an RCU grace period (10-20 ms here, the dearest step of a start), which so
-overlaps with the monitor's own work instead of adding to it.
+container's record and cgroup are made, and the monitor opens the storage,
+resolves the image and clones while it joins the cgroup (see `Cgroup.join`),
+unshares and forks PID 1, so that the two processes' work overlaps. The
+unshare process waits for the storage backend to be up before it unshares
+(see `open_storage`).
 
 Each process dies with its parent (PR_SET_PDEATHSIG), and PID 1 leaves when
 the monitor's go pipe closes unsaid, so a killed monitor takes the namespaces
@@ -96,8 +97,8 @@ class Launch:
         self._pending: list[int] = []
 
     def fork(self) -> None:
-        """Make the cgroup and fork the unshare process, which joins it,
-        unshares and forks PID 1; PID 1 then waits for `go`."""
+        """Make the cgroup and fork the unshare process, which joins it, waits
+        for `unshare`, unshares and forks PID 1; PID 1 then waits for `go`."""
         c = self.container
         assert self.cgroup is not None
         with self.trace.step("cgroup") as said:
@@ -112,6 +113,7 @@ class Launch:
                 said.append(network.load())
         c.rootfs.mkdir(parents=True, exist_ok=True)
         pid_r, pid_w = os.pipe()
+        up_r, up_w = os.pipe()
         go_r, go_w = os.pipe()
         err_r, err_w = os.pipe()
         sys.stdout.flush()
@@ -120,13 +122,19 @@ class Launch:
         child = os.fork()
         if child == 0:
             self.trace.say("fork", since, f"pid {os.getpid()}: the unshare process")
-            for fd in (pid_r, go_w, err_r):
+            for fd in (pid_r, up_w, go_w, err_r):
                 os.close(fd)
-            self._unshare_process(pid_w, go_r, err_w)
+            self._unshare_process(pid_w, up_r, go_r, err_w)
         self.unshare_pid = child
-        for fd in (pid_w, go_r, err_w):
+        for fd in (pid_w, up_r, go_r, err_w):
             os.close(fd)
-        self._pipes = {"pid": pid_r, "go": go_w, "err": err_r}
+        self._pipes = {"pid": pid_r, "up": up_w, "go": go_w, "err": err_r}
+
+    def unshare(self) -> None:
+        """The storage backend is up: let the unshare process make the
+        namespaces (a copy of the host's mounts as they are now)."""
+        os.write(self._pipes["up"], b"u")
+        self._close_pipe("up")
 
     def go(self, mounts: list[Mount]) -> None:
         """Learn PID 1's host pid, take the unshare process out of the pids
@@ -142,8 +150,14 @@ class Launch:
         c.pid, c.pid_start = self.pid1, process_start_time(self.pid1)
         for sig in self._pending:  # sent to us before PID 1 existed
             self._forward(sig, None)
-        with self.trace.step("cgroup") as said:
-            said.append(self.cgroup.leave_pids(self.unshare_pid, self.spec.limits.pids))  # type: ignore[union-attr,arg-type]
+        cgroup, pids = self.cgroup, self.spec.limits.pids
+        assert cgroup is not None
+        if "pids" in cgroup.paths and (cgroup.version("pids") == 2 or pids is not None):
+            with self.trace.step("cgroup") as said:
+                if cgroup.version("pids") == 2:
+                    said.append(cgroup.leave_pids(self.unshare_pid))
+                if pids is not None:
+                    said.append(cgroup.limit_pids(pids))
         lease = None
         if c.net == "bridge":
             from minifs.container import network
@@ -217,14 +231,16 @@ class Launch:
 
     # -- the unshare process ---------------------------------------------------------
 
-    def _unshare_process(self, pid_w: int, go_r: int, err_w: int) -> NoReturn:
+    def _unshare_process(self, pid_w: int, up_r: int, go_r: int, err_w: int) -> NoReturn:
         try:
             for sig in FORWARDED:  # not the monitor's handler; PID 1 inherits these
                 signal.signal(sig, signal.SIG_DFL)
             linux.set_parent_death_signal(signal.SIGKILL)
             with self.trace.step("cgroup") as said:
-                self.cgroup.join(os.getpid())  # type: ignore[union-attr]
-                said.append(f"echo {os.getpid()} > cgroup.procs (cgclassify)")
+                said.append(self.cgroup.join())  # type: ignore[union-attr]
+            if not os.read(up_r, 1):
+                os._exit(1)  # the monitor gave up before the storage was up
+            os.close(up_r)
             with self.trace.step("unshare") as said:
                 flags = 0
                 for _, flag in NAMESPACES:
@@ -237,6 +253,10 @@ class Launch:
                 os.close(pid_w)
                 self._pid1(go_r, err_w)
             self.trace.say("fork", since, f"--fork: host pid {pid1} is PID 1 inside")
+            cgroup = self.cgroup
+            if "pids" in cgroup.paths and cgroup.version("pids") == 1:  # type: ignore[union-attr]
+                with self.trace.step("cgroup") as said:
+                    said.append(cgroup.leave_pids())  # type: ignore[union-attr]
             # Hold nothing of the monitor's: a detached run's caller waits for
             # its notify pipe and stderr to close. Before PID 1 may go on:
             # its pivot_root moves our root too (we share its mount namespace),
@@ -397,34 +417,46 @@ def run(spec: Spec, root: str | os.PathLike[str] | None, notify: Notify | None =
     try:
         with _as_container_errors():
             spec.check()
-            storage = open_storage(spec, root, trace)
-        with storage:
-            with _as_container_errors():
-                container = create(storage, spec)
-            launch = Launch(container, spec, trace)
-            previous = launch.forward_signals()
-            try:
-                return _start_and_wait(launch, storage, notify)
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)  # type: ignore[arg-type]
+            container = create(spec, root)
+        launch = Launch(container, spec, trace)
+        previous = launch.forward_signals()
+        try:
+            return _start_and_wait(launch, root, notify)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)  # type: ignore[arg-type]
     finally:
         trace.close()
 
 
-def _start_and_wait(launch: Launch, storage: Storage, notify: Notify | None) -> int:
+def _start_and_wait(
+    launch: Launch, root: str | os.PathLike[str] | None, notify: Notify | None
+) -> int:
     container = launch.container
+    storage = None
     try:
-        with _as_container_errors():
-            if notify is not None:
-                _to_log(container.log_path)
-            launch.fork()
-            clone(storage, launch.spec, container, launch.trace)
-            launch.go(storage.mounts(container.clone))  # type: ignore[arg-type]
-    except BaseException:
-        launch.abort()
-        finish(container, storage, keep_clone=False)
-        raise
+        try:
+            with _as_container_errors():
+                if notify is not None:
+                    _to_log(container.log_path)
+                launch.fork()
+                storage = open_storage(launch.spec, root, launch.trace)
+                launch.unshare()
+                clone(storage, launch.spec, container, launch.trace)
+                launch.go(storage.mounts(container.clone))  # type: ignore[arg-type]
+        except BaseException:
+            launch.abort()
+            finish(container, storage, keep_clone=False)
+            raise
+        return _wait(launch, storage, notify)
+    finally:
+        if storage is not None:
+            storage.close()
+
+
+def _wait(launch: Launch, storage: Storage, notify: Notify | None) -> int:
+    """From the command's start to its end, and the cleanup after it."""
+    container = launch.container
     launch.trace.close()
     if notify is not None:
         notify.send(f"started {container.id}")

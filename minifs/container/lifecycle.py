@@ -34,17 +34,15 @@ KILLED = 128 + signal.SIGKILL
 def _resolve_image(storage: Storage, ref: str) -> tuple[str, dict]:
     """(layer name on this driver, image config) for an image or layer ref;
     the built-in busybox image is built on first use, as docker pulls."""
-    from minifs.images import ensure_busybox, image_config, resolve_layer
+    from minifs.images import ensure_busybox, resolve_image
 
-    root = storage.state.root
     try:
-        layer = resolve_layer(storage, ref)
+        return resolve_image(storage, ref)
     except NotFound:
         if ref not in BUSYBOX_REFS:
             raise
-        ensure_busybox(root)
-        layer = resolve_layer(storage, ref)
-    return layer, image_config(root, ref)
+        ensure_busybox(storage.state.root)
+        return resolve_image(storage, ref)
 
 
 def _command(spec: Spec, config: dict) -> list[str]:
@@ -68,10 +66,10 @@ def _environment(spec: Spec, config: dict, hostname: str) -> dict[str, str]:
 
 def open_storage(spec: Spec, root: str | os.PathLike[str] | None, trace: Trace) -> Storage:
     """The store and driver, with the backend up and dead containers reclaimed
-    (one may hold the name, an address or a cgroup). Up before anything is
-    forked: the container's mount namespace is a copy of the host's taken at
-    unshare, so a mount the backend made later (a loop-backed store, a
-    daemon's) would be missing in it."""
+    (one may hold the name or an address). Opened while the unshare process
+    joins the cgroup, and up before it unshares: the container's mount
+    namespace is a copy of the host's taken at unshare, so a mount the backend
+    made later (a loop-backed store, a daemon's) would be missing in it."""
     from minifs.storage import Storage
 
     with trace.step("storage") as said:
@@ -86,13 +84,15 @@ def open_storage(spec: Spec, root: str | os.PathLike[str] | None, trace: Trace) 
     return storage
 
 
-def create(storage: Storage, spec: Spec) -> Container:
+def create(spec: Spec, root: str | os.PathLike[str] | None) -> Container:
     """The container's record, naming the cgroup and bridge it will get
-    before either is made."""
+    before either is made. Made before the storage is opened (the state
+    dir's usability is checked by every command, the driver's name by
+    `Spec.check`), so that the cgroup join overlaps the storage's start."""
     container = Container.new(
-        storage.state.root,
+        root,
         image=spec.image,
-        driver=storage.name,
+        driver=spec.driver,
         limits={"memory": spec.limits.memory, "cpus": spec.limits.cpus, "pids": spec.limits.pids},
         net=spec.net,
         remove=spec.remove,

@@ -197,7 +197,7 @@ def _joiner(
             confine = seccomp.prepare(profile, sec.capabilities, cache)  # type: ignore[arg-type]
         cgroup = Cgroup.from_record(c.cgroup)
         if cgroup is not None:
-            cgroup.join(os.getpid())
+            cgroup.join()
         for name in JOIN_ORDER:
             linux.setns(fds[name])
             os.close(fds[name])

@@ -223,9 +223,9 @@ def prepare(profile: Profile, caps: list[str], cache: Path | None) -> Filter:
     the state dir) when this profile was compiled for these capabilities on
     this kernel before: compiling costs libseccomp's import and some 30 ms of
     CPU, on every start, while the answer only changes with those inputs."""
-    import hashlib
+    from minifs.smallhash import sha256
 
-    key = hashlib.sha256(profile.raw)
+    key = sha256(profile.raw)
     key.update(" ".join([*caps, *os.uname()]).encode())
     path = None if cache is None else cache / f"{key.hexdigest()[:32]}.bpf"
     if path is not None:

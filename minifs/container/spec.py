@@ -155,6 +155,9 @@ class Spec(Record):
             raise ContainerError("--masquerade needs --net bridge")
         if self.workdir is not None and not self.workdir.startswith("/"):
             raise ContainerError(f"-w {self.workdir} must be an absolute path")
+        from minifs.plugins import get_driver
+
+        get_driver(self.driver)  # an unknown driver before anything is made for the container
         if self.size is not None:
             check_size(self.size, self.driver)
 

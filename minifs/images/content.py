@@ -34,9 +34,10 @@ def check_digest(digest: str) -> str:
 
 
 def digest_bytes(data: bytes) -> str:
-    import hashlib  # not at the top: OpenSSL's ~3 ms, which reading an image never needs
+    """The digest of a small blob (a manifest, a config): checked on every read."""
+    from minifs.smallhash import sha256
 
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+    return "sha256:" + sha256(data).hexdigest()
 
 
 class ContentStore:
