@@ -119,16 +119,22 @@ class Launch:
         sys.stdout.flush()
         sys.stderr.flush()
         since = time.perf_counter()
-        child = os.fork()
-        if child == 0:
-            self.trace.say("fork", since, f"pid {os.getpid()}: the unshare process")
-            for fd in (pid_r, up_w, go_w, err_r):
+        # Ctrl-C here is a KeyboardInterrupt (signals are forwarded only once
+        # the storage is up): held until the child is known to `abort`.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+        try:
+            child = os.fork()
+            if child == 0:
+                self.trace.say("fork", since, f"pid {os.getpid()}: the unshare process")
+                for fd in (pid_r, up_w, go_w, err_r):
+                    os.close(fd)
+                self._unshare_process(pid_w, up_r, go_r, err_w, held)
+            self.unshare_pid = child
+            for fd in (pid_w, up_r, go_r, err_w):
                 os.close(fd)
-            self._unshare_process(pid_w, up_r, go_r, err_w)
-        self.unshare_pid = child
-        for fd in (pid_w, up_r, go_r, err_w):
-            os.close(fd)
-        self._pipes = {"pid": pid_r, "up": up_w, "go": go_w, "err": err_r}
+            self._pipes = {"pid": pid_r, "up": up_w, "go": go_w, "err": err_r}
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
     def unshare(self) -> None:
         """The storage backend is up: let the unshare process make the
@@ -231,10 +237,13 @@ class Launch:
 
     # -- the unshare process ---------------------------------------------------------
 
-    def _unshare_process(self, pid_w: int, up_r: int, go_r: int, err_w: int) -> NoReturn:
+    def _unshare_process(
+        self, pid_w: int, up_r: int, go_r: int, err_w: int, mask: set[signal.Signals]
+    ) -> NoReturn:
         try:
             for sig in FORWARDED:  # not the monitor's handler; PID 1 inherits these
                 signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             linux.set_parent_death_signal(signal.SIGKILL)
             with self.trace.step("cgroup") as said:
                 said.append(self.cgroup.join())  # type: ignore[union-attr]
@@ -418,13 +427,7 @@ def run(spec: Spec, root: str | os.PathLike[str] | None, notify: Notify | None =
         with _as_container_errors():
             spec.check()
             container = create(spec, root)
-        launch = Launch(container, spec, trace)
-        previous = launch.forward_signals()
-        try:
-            return _start_and_wait(launch, root, notify)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)  # type: ignore[arg-type]
+        return _start_and_wait(Launch(container, spec, trace), root, notify)
     finally:
         trace.close()
 
@@ -434,6 +437,7 @@ def _start_and_wait(
 ) -> int:
     container = launch.container
     storage = None
+    previous: dict[int, object] = {}
     try:
         try:
             with _as_container_errors():
@@ -441,6 +445,8 @@ def _start_and_wait(
                     _to_log(container.log_path)
                 launch.fork()
                 storage = open_storage(launch.spec, root, launch.trace)
+                # From here a signal is the container's: PID 1 is made next.
+                previous = launch.forward_signals()
                 launch.unshare()
                 clone(storage, launch.spec, container, launch.trace)
                 launch.go(storage.mounts(container.clone))  # type: ignore[arg-type]
@@ -450,6 +456,8 @@ def _start_and_wait(
             raise
         return _wait(launch, storage, notify)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
         if storage is not None:
             storage.close()
 
