@@ -26,7 +26,7 @@ WAIT = 60.0
 """A command that would wait for the stopped one never ends: this bounds it."""
 
 
-def _stopped(proc: subprocess.Popen) -> None:
+def wait_stopped(proc: subprocess.Popen) -> None:
     """Wait until `proc` has stopped itself at its failpoint."""
     deadline = time.monotonic() + WAIT
     while True:
@@ -48,7 +48,7 @@ def _stopping_at(root: Path, point: str, *args: str) -> subprocess.Popen:
     proc = subprocess.Popen(
         [MINIFS, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    _stopped(proc)
+    wait_stopped(proc)
     return proc
 
 

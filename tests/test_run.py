@@ -27,6 +27,7 @@ from minifs.storage import Storage
 from tests import leaks
 from tests.conftest import MINIFS, driver_params
 from tests.corpus import docker_archive, member, tar_bytes
+from tests.test_concurrency import wait_stopped
 
 Run = Callable[..., subprocess.CompletedProcess]
 
@@ -235,6 +236,28 @@ def test_trace_names_the_seed_steps(minifs: Run) -> None:
     after = ["clone", "pivot_root", "mount proc", "umount old", "mount dev", "hostname", "exec"]
     assert [s for s in steps if s in after] == after
     assert steps.index("unshare") < steps.index("pivot_root")
+
+
+def test_ctrl_c_while_the_storage_starts_undoes_the_start(
+    env: dict[str, str], minifs: Run, state: Path
+) -> None:
+    """Signals are the container's only from when PID 1 can exist: a Ctrl-C
+    while the storage starts (the unshare process forked, waiting) interrupts
+    minifs run itself, which takes back the record, cgroup and process."""
+    proc = subprocess.Popen(
+        [MINIFS, "run", "--rm", "busybox", "true"],
+        env={**env, "MINIFS_FAILPOINT": "run:storage", "MINIFS_FAILPOINT_ACTION": "stop"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_stopped(proc)
+    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip() == "minifs: interrupted"
+    no_containers_left(minifs, state)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=str)

@@ -70,8 +70,10 @@ def open_storage(spec: Spec, root: str | os.PathLike[str] | None, trace: Trace) 
     joins the cgroup, and up before it unshares: the container's mount
     namespace is a copy of the host's taken at unshare, so a mount the backend
     made later (a loop-backed store, a daemon's) would be missing in it."""
+    from minifs import failpoints
     from minifs.storage import Storage
 
+    failpoints.hit("run:storage")  # the unshare process is forked, PID 1 not yet
     with trace.step("storage") as said:
         storage = Storage(spec.driver, root)
         try:
