@@ -293,6 +293,12 @@ class Cgroup(namedtuple("Cgroup", "paths v2 bases homes")):
                 said.append(f"echo 0 > {path}/tasks")
         return "; ".join(said)
 
+    @property
+    def pids_left_by_itself(self) -> bool:
+        """Whether the unshare process leaves the pids cgroup itself (v1), not
+        moved out by the monitor (cgroup2); see `leave_pids`."""
+        return self.paths.get("pids") is not None and self.version("pids") == 1
+
     def leave_pids(self, pid: int | None = None) -> str:
         """Move the unshare process back out of the container's pids cgroup.
         It must be inside while it unshares (that fixes the cgroup namespace's

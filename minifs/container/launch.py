@@ -6,7 +6,8 @@ Three processes, as in the seed's `ps` output (bash, unshare, bash):
   cgroup, clones the image's layer, plugs the veth, forwards signals, waits,
   and removes everything when the container ends;
 - the *unshare process* joins the cgroup, calls unshare(2) for mount, uts,
-  ipc, net, pid and cgroup namespaces, forks once and relays the exit status;
+  ipc, net, pid and cgroup namespaces once the storage is up, forks once,
+  leaves the pids cgroup (v1) and relays the exit status;
 - *PID 1*: the unshare process is not itself in the pid namespace it made
   (the seed's `--fork` lesson: without the fork there is no PID 1 and the next
   fork fails with ENOMEM), its child is. PID 1 waits for the monitor's go
@@ -144,8 +145,9 @@ class Launch:
 
     def go(self, mounts: list[Mount]) -> None:
         """Learn PID 1's host pid, take the unshare process out of the pids
-        cgroup, plug in the veth, hand PID 1 what it needs, and wait until it
-        has exec'd (its error pipe closes) or says why it could not."""
+        cgroup where it cannot leave by itself and set --pids, plug in the
+        veth, hand PID 1 what it needs, and wait until it has exec'd (its error
+        pipe closes) or says why it could not."""
         c = self.container
         pid_r, go_w, err_r = self._pipes["pid"], self._pipes["go"], self._pipes["err"]
         with os.fdopen(pid_r, "rb", closefd=False) as f:
@@ -158,9 +160,10 @@ class Launch:
             self._forward(sig, None)
         cgroup, pids = self.cgroup, self.spec.limits.pids
         assert cgroup is not None
-        if "pids" in cgroup.paths and (cgroup.version("pids") == 2 or pids is not None):
+        moves = "pids" in cgroup.paths and not cgroup.pids_left_by_itself
+        if moves or pids is not None:
             with self.trace.step("cgroup") as said:
-                if cgroup.version("pids") == 2:
+                if moves:
                     said.append(cgroup.leave_pids(self.unshare_pid))
                 if pids is not None:
                     said.append(cgroup.limit_pids(pids))
@@ -262,10 +265,9 @@ class Launch:
                 os.close(pid_w)
                 self._pid1(go_r, err_w)
             self.trace.say("fork", since, f"--fork: host pid {pid1} is PID 1 inside")
-            cgroup = self.cgroup
-            if "pids" in cgroup.paths and cgroup.version("pids") == 1:  # type: ignore[union-attr]
+            if self.cgroup.pids_left_by_itself:  # type: ignore[union-attr]
                 with self.trace.step("cgroup") as said:
-                    said.append(cgroup.leave_pids())  # type: ignore[union-attr]
+                    said.append(self.cgroup.leave_pids())  # type: ignore[union-attr]
             # Hold nothing of the monitor's: a detached run's caller waits for
             # its notify pipe and stderr to close. Before PID 1 may go on:
             # its pivot_root moves our root too (we share its mount namespace),
