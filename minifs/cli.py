@@ -741,21 +741,25 @@ def build_parser(command_word: str | None = None) -> argparse.ArgumentParser:
 
         add_image_parser(sub)
 
-    from minifs.layers.commands import add_layer_parser
+    if sub.wants("apply") or sub.wants("diff"):
+        from minifs.layers.commands import add_layer_parser
 
-    add_layer_parser(sub, default_driver)
+        add_layer_parser(sub, default_driver)
 
-    from minifs.container.commands import add_container_parser
+    if any(sub.wants(name) for name in ("run", "ps", "stop", "exec", "logs")):
+        from minifs.container.commands import add_container_parser
 
-    add_container_parser(sub, default_driver)
+        add_container_parser(sub, default_driver)
 
-    from minifs.snapshotter.commands import add_snapshotter_parser
+    if sub.wants("snapshotter"):
+        from minifs.snapshotter.commands import add_snapshotter_parser
 
-    add_snapshotter_parser(sub, default_driver)
+        add_snapshotter_parser(sub, default_driver)
 
-    from minifs.report.commands import add_report_parser
+    if sub.wants("report"):
+        from minifs.report.commands import add_report_parser
 
-    add_report_parser(sub)
+        add_report_parser(sub)
     if command_word is None or not sub.found:
         from minifs.plugins import add_commands
 
@@ -886,25 +890,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the interpreter's collections at exit skip them all, ~15 ms of a
         # `minifs run` spent proving garbage that dies with the process anyway.
         gc.freeze()
-
-
-def entry() -> int:
-    """The `minifs` script: `main`, then, when the interpreter's own exit has
-    nothing left to do (output flushed, no other thread, no exit hook), an
-    exit that skips tearing down every module it loaded: ~3 ms of a `minifs
-    run`, more than the container's whole mount setup."""
-    code = main()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except OSError:
-        return code  # the usual exit reports it
-    import atexit
-
-    if "threading" not in sys.modules and atexit._ncallbacks() == 0:
-        os._exit(code & 0xFF)
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(entry())

@@ -9,15 +9,16 @@ over hundreds of layers fits when a single page of mount options cannot.
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import os
 import re
 from collections import namedtuple
 from pathlib import Path
 
-# The interpreter's own symbols include libc; find_library would run ldconfig.
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+TYPE_CHECKING = False  # typing costs ~2 ms of every start; annotations only need it here
+if TYPE_CHECKING:
+    import ctypes
+    from types import ModuleType
 
 # mount(2) flags
 MS_RDONLY = 0x1
@@ -51,9 +52,27 @@ AT_FDCWD = -100
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
+@functools.cache
+def _c() -> tuple[ModuleType, ctypes.CDLL]:
+    """ctypes and the C library, loaded by the first call that needs them:
+    importing ctypes costs ~2.5 ms, and most commands (`ls`, `inspect`, a
+    `minifs run` monitor, which leaves every syscall to the processes it
+    forks) make none. The interpreter's own symbols include libc;
+    find_library would run ldconfig."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    libc.lgetxattr.restype = ctypes.c_ssize_t
+    libc.lgetxattr.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+    libc.fgetxattr.restype = ctypes.c_ssize_t
+    libc.fgetxattr.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+    return ctypes, libc
+
+
 def _check(ret: int, what: str) -> int:
     if ret < 0:
-        err = ctypes.get_errno()
+        err = _c()[0].get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
     return ret
 
@@ -64,48 +83,57 @@ def _b(value: str | os.PathLike[str] | None) -> bytes | None:
 
 def mount(source: str, target: str | Path, fstype: str | None, flags: int, data: str = "") -> None:
     """mount(2): raises OSError carrying errno on failure."""
-    ret = _libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data or None))
+    c, libc = _c()
+    ret = libc.mount(_b(source), _b(target), _b(fstype), c.c_ulong(flags), _b(data or None))
     _check(ret, f"mount {fstype or 'bind'} on {target}")
 
 
 def umount(target: str | Path, flags: int = 0) -> None:
-    _check(_libc.umount2(_b(target), flags), f"umount {target}")
+    libc = _c()[1]
+    _check(libc.umount2(_b(target), flags), f"umount {target}")
 
 
 def syncfs(path: str | Path) -> None:
     """syncfs(2) on the filesystem holding `path`: flushes that one filesystem
     (the bench disk) without waiting for every other disk as sync(2) would."""
+    libc = _c()[1]
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _check(_libc.syncfs(fd), f"syncfs {path}")
+        _check(libc.syncfs(fd), f"syncfs {path}")
     finally:
         os.close(fd)
 
 
 def fsopen(fstype: str) -> int:
-    return _check(_libc.syscall(_SYS_FSOPEN, _b(fstype), FSOPEN_CLOEXEC), f"fsopen {fstype}")
+    libc = _c()[1]
+    return _check(libc.syscall(_SYS_FSOPEN, _b(fstype), FSOPEN_CLOEXEC), f"fsopen {fstype}")
 
 
 def fsconfig_string(fd: int, key: str, value: str) -> None:
-    ret = _libc.syscall(_SYS_FSCONFIG, fd, FSCONFIG_SET_STRING, _b(key), _b(value), 0)
+    libc = _c()[1]
+    ret = libc.syscall(_SYS_FSCONFIG, fd, FSCONFIG_SET_STRING, _b(key), _b(value), 0)
     _check(ret, f"fsconfig {key}={value}")
 
 
 def fsconfig_flag(fd: int, key: str) -> None:
-    ret = _libc.syscall(_SYS_FSCONFIG, fd, FSCONFIG_SET_FLAG, _b(key), None, 0)
+    libc = _c()[1]
+    ret = libc.syscall(_SYS_FSCONFIG, fd, FSCONFIG_SET_FLAG, _b(key), None, 0)
     _check(ret, f"fsconfig {key}")
 
 
 def fsconfig_create(fd: int) -> None:
-    _check(_libc.syscall(_SYS_FSCONFIG, fd, FSCONFIG_CMD_CREATE, None, None, 0), "fsconfig create")
+    libc = _c()[1]
+    _check(libc.syscall(_SYS_FSCONFIG, fd, FSCONFIG_CMD_CREATE, None, None, 0), "fsconfig create")
 
 
 def fsmount(fd: int, attr_flags: int = 0) -> int:
-    return _check(_libc.syscall(_SYS_FSMOUNT, fd, FSMOUNT_CLOEXEC, attr_flags), "fsmount")
+    libc = _c()[1]
+    return _check(libc.syscall(_SYS_FSMOUNT, fd, FSMOUNT_CLOEXEC, attr_flags), "fsmount")
 
 
 def move_mount(mount_fd: int, target: str | Path) -> None:
-    ret = _libc.syscall(
+    libc = _c()[1]
+    ret = libc.syscall(
         _SYS_MOVE_MOUNT, mount_fd, b"", AT_FDCWD, _b(target), MOVE_MOUNT_F_EMPTY_PATH
     )
     _check(ret, f"move_mount to {target}")
@@ -113,20 +141,17 @@ def move_mount(mount_fd: int, target: str | Path) -> None:
 
 # -- extended attributes --------------------------------------------------------------
 
-_libc.lgetxattr.restype = ctypes.c_ssize_t
-_libc.lgetxattr.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
-_libc.fgetxattr.restype = ctypes.c_ssize_t
-_libc.fgetxattr.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
 
 XattrTarget = bytes | str | os.PathLike[str] | int
 """A descriptor, or a path whose last component is not followed (lgetxattr)."""
 
 
 def _getxattr(target: XattrTarget, key: str, buf: ctypes.Array | None, size: int) -> int:
+    libc = _c()[1]
     if isinstance(target, int):
-        ret = _libc.fgetxattr(target, os.fsencode(key), buf, size)
+        ret = libc.fgetxattr(target, os.fsencode(key), buf, size)
     else:
-        ret = _libc.lgetxattr(os.fsencode(target), os.fsencode(key), buf, size)
+        ret = libc.lgetxattr(os.fsencode(target), os.fsencode(key), buf, size)
     if ret < 0:  # the message is made only then: this runs for every xattr of a layer
         where = f"descriptor {target}" if isinstance(target, int) else os.fsdecode(target)
         _check(ret, f"getxattr {key} of {where}")
@@ -143,7 +168,8 @@ def getxattr(target: XattrTarget, key: str, size: int) -> bytes:
     """One getxattr(2) into a buffer of `size` bytes: the value, or OSError
     ERANGE if it is longer (on a filesystem that says so: see
     safefs.getxattr)."""
-    buf = ctypes.create_string_buffer(size)
+    c = _c()[0]
+    buf = c.create_string_buffer(size)
     got = _getxattr(target, key, buf, size)  # before buf.raw, which copies
     return buf.raw[:got]
 
@@ -222,24 +248,86 @@ _SYS_PIVOT_ROOT = {"aarch64": 41}.get(os.uname().machine, 155)
 
 def unshare(flags: int) -> None:
     """unshare(2): Python 3.11's os module has no unshare yet."""
-    _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
+    c, libc = _c()
+    _check(libc.unshare(c.c_int(flags)), "unshare")
 
 
 def setns(fd: int, nstype: int = 0) -> None:
     """setns(2) into the namespace open at `fd` (from /proc/PID/ns/...)."""
-    _check(_libc.setns(fd, ctypes.c_int(nstype)), "setns")
+    c, libc = _c()
+    _check(libc.setns(fd, c.c_int(nstype)), "setns")
 
 
 def pivot_root(new_root: str | Path, put_old: str | Path) -> None:
     """pivot_root(2); glibc has no wrapper, so through syscall(2)."""
-    _check(_libc.syscall(_SYS_PIVOT_ROOT, _b(new_root), _b(put_old)), f"pivot_root {new_root}")
+    libc = _c()[1]
+    _check(libc.syscall(_SYS_PIVOT_ROOT, _b(new_root), _b(put_old)), f"pivot_root {new_root}")
 
 
 def sethostname(name: str) -> None:
     data = name.encode()
-    _check(_libc.sethostname(data, ctypes.c_size_t(len(data))), f"sethostname {name}")
+    c, libc = _c()
+    _check(libc.sethostname(data, c.c_size_t(len(data))), f"sethostname {name}")
 
 
 def set_parent_death_signal(sig: int) -> None:
     """prctl(PR_SET_PDEATHSIG): the kernel sends `sig` when our parent dies."""
-    _check(_libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(sig), 0, 0, 0), "prctl PDEATHSIG")
+    c, libc = _c()
+    _check(libc.prctl(PR_SET_PDEATHSIG, c.c_ulong(sig), 0, 0, 0), "prctl PDEATHSIG")
+
+
+# -- capabilities and seccomp, set by PID 1 just before exec ----------------------
+
+_CAP_VERSION_3 = 0x20080522
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+
+
+def prctl(option: int, arg: int, what: str) -> None:
+    """prctl(2) with one argument; `what` names the option in the error."""
+    c, libc = _c()
+    if libc.prctl(option, c.c_ulong(arg), 0, 0, 0) != 0:
+        err = c.get_errno()
+        raise OSError(err, f"prctl {what}: {os.strerror(err)}")
+
+
+def capget() -> tuple[int, int]:
+    """This thread's (permitted, inheritable) capability sets (capget(2), the
+    64-bit version 3 layout: two 32-bit words of effective, permitted and
+    inheritable each)."""
+    c, libc = _c()
+    header = (c.c_uint32 * 2)(_CAP_VERSION_3, 0)
+    data = (c.c_uint32 * 6)()
+    if libc.capget(header, data) != 0:
+        err = c.get_errno()
+        raise OSError(err, f"capget: {os.strerror(err)}")
+    return data[1] | (data[4] << 32), data[2] | (data[5] << 32)
+
+
+def capset(effective: int, permitted: int, inheritable: int) -> None:
+    c, libc = _c()
+    header = (c.c_uint32 * 2)(_CAP_VERSION_3, 0)
+    data = (c.c_uint32 * 6)()
+    for word in range(2):
+        shift = 32 * word
+        data[3 * word] = (effective >> shift) & 0xFFFFFFFF
+        data[3 * word + 1] = (permitted >> shift) & 0xFFFFFFFF
+        data[3 * word + 2] = (inheritable >> shift) & 0xFFFFFFFF
+    if libc.capset(header, data) != 0:
+        err = c.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
+
+
+def seccomp_set_filter(program: bytes) -> None:
+    """prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER) with `program`, an array
+    of struct sock_filter (8 bytes each)."""
+    c, libc = _c()
+
+    class SockFprog(c.Structure):  # type: ignore[name-defined]
+        _fields_ = (("len", c.c_ushort), ("filter", c.c_void_p))
+
+    buf = c.create_string_buffer(program, len(program))
+    prog = SockFprog(len(program) // 8, c.addressof(buf))
+    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, c.byref(prog), 0, 0) != 0:
+        err = c.get_errno()
+        raise OSError(err, f"prctl PR_SET_SECCOMP: {os.strerror(err)}")

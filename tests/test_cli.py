@@ -11,6 +11,7 @@ import json
 import os
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -283,6 +284,10 @@ def test_help():
     assert done.stdout.startswith("usage: minifs")
     for command in ("clone", "snapshot", "mount", "umount", "gc", "down", "drivers"):
         assert command in done.stdout
+    module = subprocess.run(
+        [sys.executable, "-m", "minifs", "--help"], capture_output=True, text=True, check=False
+    )
+    assert (module.returncode, module.stdout, module.stderr) == (0, done.stdout, "")
 
 
 def test_every_command_parses_alone(capsys: pytest.CaptureFixture[str]):

@@ -255,3 +255,24 @@ def test_bad_security_input_is_one_line_125(
     done = minifs("run", "--rm", *flags, "busybox", "true")
     refused(done, *words, code=125)
     no_containers_left(minifs, state)
+
+
+def test_the_monitor_reads_the_capabilities_the_kernel_reports() -> None:
+    """`--cap-add` is checked against /proc/self/status (no ctypes in the
+    monitor); it must say what capget(2) says, for a full and a reduced set."""
+    from minifs import linux
+    from minifs.container import capabilities
+
+    assert capabilities.held() == linux.capget()[0]
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # drop one capability from the permitted set, then compare again
+        permitted, inheritable = linux.capget()
+        linux.capset(permitted & ~1, permitted & ~1, inheritable & ~1)
+        os.write(w, b"1" if capabilities.held() == linux.capget()[0] == permitted & ~1 else b"0")
+        os._exit(0)
+    os.close(w)
+    said = os.read(r, 1)
+    os.close(r)
+    os.waitpid(child, 0)
+    assert said == b"1"

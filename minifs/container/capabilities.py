@@ -13,9 +13,9 @@ For a non-root `--user` the exec empties permitted and effective, as Docker's.
 
 from __future__ import annotations
 
-import ctypes
 import os
 
+from minifs import linux
 from minifs.container import ContainerError
 
 NAMES = (
@@ -88,22 +88,6 @@ _PR_SET_KEEPCAPS = 8
 _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
 _PR_SET_NO_NEW_PRIVS = 38
-_CAP_VERSION_3 = 0x20080522
-
-
-class _Header(ctypes.Structure):
-    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
-
-
-class _Data(ctypes.Structure):
-    _fields_ = (
-        ("effective", ctypes.c_uint32),
-        ("permitted", ctypes.c_uint32),
-        ("inheritable", ctypes.c_uint32),
-    )
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def last_cap() -> int:
@@ -123,13 +107,25 @@ def _name(text: str, flag: str) -> str:
     return name
 
 
+def held() -> int:
+    """The permitted set of this process, from /proc/self/status rather than
+    capget(2): the monitor checks `--cap-add` against it before anything is
+    made, and reading it there keeps ctypes out of the monitor (see
+    `linux._c`)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("CapPrm:"):
+                return int(line.split()[1], 16)
+    raise OSError("no CapPrm line in /proc/self/status")
+
+
 def resolve(add: list[str], drop: list[str], privileged: bool) -> list[str]:
     """The container's capability names: docker's rule, drops before adds, so
     `--cap-drop ALL --cap-add CHOWN` is CHOWN alone."""
     adds = [_name(a, "--cap-add") for a in add]
     drops = [_name(d, "--cap-drop") for d in drop]
-    held, _ = _capget()  # minifs cannot hand on what it lacks (a host's own bounding set)
-    everything = [n for i, n in enumerate(NAMES[: last_cap() + 1]) if held & (1 << i)]
+    held_now = held()  # minifs cannot hand on what it lacks (a host's own bounding set)
+    everything = [n for i, n in enumerate(NAMES[: last_cap() + 1]) if held_now & (1 << i)]
     if privileged:
         return everything
     caps = set() if "ALL" in drops else set(DEFAULT) - set(drops)
@@ -144,46 +140,16 @@ def _mask(names: list[str]) -> int:
     return bits
 
 
-def _prctl(option: int, arg: int, what: str) -> None:
-    if _libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl {what}: {os.strerror(err)}")
-
-
-def _capset(effective: int, permitted: int, inheritable: int) -> None:
-    header = _Header(_CAP_VERSION_3, 0)
-    data = (_Data * 2)()
-    for i in range(2):
-        shift = 32 * i
-        data[i].effective = (effective >> shift) & 0xFFFFFFFF
-        data[i].permitted = (permitted >> shift) & 0xFFFFFFFF
-        data[i].inheritable = (inheritable >> shift) & 0xFFFFFFFF
-    if _libc.capset(ctypes.byref(header), data) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"capset: {os.strerror(err)}")
-
-
-def _capget() -> tuple[int, int]:
-    """This process's (permitted, inheritable) sets."""
-    header = _Header(_CAP_VERSION_3, 0)
-    data = (_Data * 2)()
-    if _libc.capget(ctypes.byref(header), data) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"capget: {os.strerror(err)}")
-    permitted = data[0].permitted | (data[1].permitted << 32)
-    return permitted, data[0].inheritable | (data[1].inheritable << 32)
-
-
 def limit(names: list[str]) -> str:
     """Bounding set down to `names`, ambient set empty, inheritable = `names`;
     effective and permitted stay full until exec (see the module's docstring)."""
     keep = _mask(names)
     for cap in range(last_cap() + 1):
         if not keep & (1 << cap):
-            _prctl(_PR_CAPBSET_DROP, cap, f"PR_CAPBSET_DROP {NAMES[cap]}")
-    _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, "PR_CAP_AMBIENT_CLEAR_ALL")
-    permitted, _ = _capget()
-    _capset(permitted, permitted, keep & permitted)
+            linux.prctl(_PR_CAPBSET_DROP, cap, f"PR_CAPBSET_DROP {NAMES[cap]}")
+    linux.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, "PR_CAP_AMBIENT_CLEAR_ALL")
+    permitted, _ = linux.capget()
+    linux.capset(permitted, permitted, keep & permitted)
     dropped = last_cap() + 1 - len(names)
     kept = ",".join(names) if len(names) <= len(DEFAULT) else f"{len(names)} capabilities"
     return f"prctl PR_CAPBSET_DROP x{dropped}; capset inheritable {kept or 'none'}"
@@ -193,17 +159,17 @@ def become(uid: int, gid: int) -> str:
     """setgroups, setgid, setuid, keeping the permitted set across the change
     (PR_SET_KEEPCAPS) and raising it again, so the seccomp filter can still be
     loaded; the exec that follows empties it for the non-root user."""
-    _prctl(_PR_SET_KEEPCAPS, 1, "PR_SET_KEEPCAPS")
+    linux.prctl(_PR_SET_KEEPCAPS, 1, "PR_SET_KEEPCAPS")
     os.setgroups([gid])
     os.setgid(gid)
     os.setuid(uid)
-    permitted, inheritable = _capget()
-    _capset(permitted, permitted, inheritable)
-    _prctl(_PR_SET_KEEPCAPS, 0, "PR_SET_KEEPCAPS")
+    permitted, inheritable = linux.capget()
+    linux.capset(permitted, permitted, inheritable)
+    linux.prctl(_PR_SET_KEEPCAPS, 0, "PR_SET_KEEPCAPS")
     return f"setgroups {gid}; setgid {gid}; setuid {uid}"
 
 
 def no_new_privileges() -> str:
     """PR_SET_NO_NEW_PRIVS: setuid binaries and file capabilities grant nothing."""
-    _prctl(_PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
+    linux.prctl(_PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
     return "prctl PR_SET_NO_NEW_PRIVS 1"

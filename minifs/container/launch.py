@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from minifs import linux
-from minifs.container import ContainerError, devices, records, rootfs
+from minifs.container import ContainerError, devices, records
 from minifs.container.cgroups import Cgroup
 from minifs.container.lifecycle import clone, create, finish, open_storage
 from minifs.container.process import (
@@ -289,6 +289,8 @@ class Launch:
         c = self.container
         t = self.trace
         try:
+            from minifs.container import rootfs  # here, not in the monitor, which waits on it
+
             linux.set_parent_death_signal(signal.SIGKILL)
             os.setsid()
             with t.step("mount") as said:  # while the monitor still clones

@@ -17,12 +17,12 @@ become one rule each (libseccomp would refuse them in one rule).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 from collections import namedtuple
 from pathlib import Path
 
+from minifs import linux
 from minifs.container import ContainerError
 
 TYPE_CHECKING = False  # typing costs ~2 ms of every start; annotations only need it here
@@ -210,11 +210,7 @@ class Filter(namedtuple("Filter", "source program made")):
     def load(self) -> str:
         """prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER): needs CAP_SYS_ADMIN or
         no_new_privs, which is why capabilities shrink only at exec."""
-        buf = ctypes.create_string_buffer(self.program, len(self.program))
-        prog = _SockFprog(len(self.program) // 8, ctypes.addressof(buf))
-        if _libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"prctl PR_SET_SECCOMP: {os.strerror(err)}")
+        linux.seccomp_set_filter(self.program)
         return f"seccomp {self.source}: {len(self.program) // 8} BPF instructions"
 
 
@@ -310,12 +306,3 @@ class _Compiler:
                 arch = getattr(s.Arch, sub.removeprefix("SCMP_ARCH_"), None)
                 if arch is not None and not self.filter.exist_arch(arch):
                     self.filter.add_arch(arch)
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_PR_SET_SECCOMP = 22
-_SECCOMP_MODE_FILTER = 2
