@@ -14,6 +14,7 @@ stays. Recovery runs whenever the lock is next taken for a change, and from
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -37,7 +38,7 @@ from minifs.model import Info, Kind, Mount, State, Usage
 from minifs.plugins import get_driver
 from minifs.resources import owner_alive
 from minifs.state import StateDir
-from minifs.store import Store, keep_reserve
+from minifs.store import Store, disk_full, keep_reserve
 
 TRANSIENT_LABEL = "minifs.transient"
 """A clone made and consumed inside one operation (e.g. unpacking an image
@@ -463,7 +464,9 @@ class Storage:
     @contextmanager
     def _diagnosed(self, ids: Sequence[str]) -> Iterator[None]:
         """Turn a backend failure on a chain with a damaged snapshot in it into
-        one line naming that snapshot, instead of a raw 'No such file'."""
+        one line naming that snapshot, instead of a raw 'No such file'; a
+        driver's home that ran out of space or inodes into the same line the
+        store gives for its own disk."""
         try:
             yield
         except (OSError, BackendError) as exc:
@@ -472,6 +475,8 @@ class Storage:
                 why = self._what_is_wrong(sid, present)
                 if why is not None:
                     raise self._damaged(sid, why) from None
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_full(self.driver.home) from None
             raise exc
 
     def _what_is_wrong(self, sid: str, present: set[str]) -> str | None:

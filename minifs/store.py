@@ -127,7 +127,7 @@ class Store:
         except sqlite3.OperationalError as exc:
             self.db.close()
             if _full(exc):
-                raise _disk_full(self.path) from None
+                raise disk_full(self.path.parent) from None
             # WAL needs to write its -shm file even to read: a read-only state dir
             # fails here, before anything else.
             raise StateDirError(
@@ -240,7 +240,7 @@ class Store:
                         raise
                     raise StateDirError(f"the metadata store {self.path} failed: {exc}") from None
                 if attempt == 2 or not _release_reserve(self.state):
-                    raise _disk_full(self.path) from None
+                    raise disk_full(self.path.parent) from None
 
     def _attempt(self, body: Callable[[sqlite3.Connection], object], durable: bool) -> None:
         if not durable:
@@ -632,9 +632,10 @@ def _full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def _disk_full(path: Path) -> StateDirError:
+def disk_full(where: Path) -> StateDirError:
+    """The one message for a full disk, the store's own or a driver's."""
     return StateDirError(
-        f"the disk holding {path.parent} is full; free space there (for example "
+        f"the disk holding {where} is full; free space there (for example "
         "'minifs rm' snapshots you no longer need), then try again"
     )
 
