@@ -272,8 +272,7 @@ def sethostname(name: str) -> None:
 
 def set_parent_death_signal(sig: int) -> None:
     """prctl(PR_SET_PDEATHSIG): the kernel sends `sig` when our parent dies."""
-    c, libc = _c()
-    _check(libc.prctl(PR_SET_PDEATHSIG, c.c_ulong(sig), 0, 0, 0), "prctl PDEATHSIG")
+    prctl(PR_SET_PDEATHSIG, sig, "PDEATHSIG")
 
 
 # -- capabilities and seccomp, set by PID 1 just before exec ----------------------
@@ -286,9 +285,7 @@ _SECCOMP_MODE_FILTER = 2
 def prctl(option: int, arg: int, what: str) -> None:
     """prctl(2) with one argument; `what` names the option in the error."""
     c, libc = _c()
-    if libc.prctl(option, c.c_ulong(arg), 0, 0, 0) != 0:
-        err = c.get_errno()
-        raise OSError(err, f"prctl {what}: {os.strerror(err)}")
+    _check(libc.prctl(option, c.c_ulong(arg), 0, 0, 0), f"prctl {what}")
 
 
 def capget() -> tuple[int, int]:
@@ -298,9 +295,7 @@ def capget() -> tuple[int, int]:
     c, libc = _c()
     header = (c.c_uint32 * 2)(_CAP_VERSION_3, 0)
     data = (c.c_uint32 * 6)()
-    if libc.capget(header, data) != 0:
-        err = c.get_errno()
-        raise OSError(err, f"capget: {os.strerror(err)}")
+    _check(libc.capget(header, data), "capget")
     return data[1] | (data[4] << 32), data[2] | (data[5] << 32)
 
 
@@ -313,9 +308,7 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
         data[3 * word] = (effective >> shift) & 0xFFFFFFFF
         data[3 * word + 1] = (permitted >> shift) & 0xFFFFFFFF
         data[3 * word + 2] = (inheritable >> shift) & 0xFFFFFFFF
-    if libc.capset(header, data) != 0:
-        err = c.get_errno()
-        raise OSError(err, f"capset: {os.strerror(err)}")
+    _check(libc.capset(header, data), "capset")
 
 
 def seccomp_set_filter(program: bytes) -> None:
@@ -328,6 +321,7 @@ def seccomp_set_filter(program: bytes) -> None:
 
     buf = c.create_string_buffer(program, len(program))
     prog = SockFprog(len(program) // 8, c.addressof(buf))
-    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, c.byref(prog), 0, 0) != 0:
-        err = c.get_errno()
-        raise OSError(err, f"prctl PR_SET_SECCOMP: {os.strerror(err)}")
+    _check(
+        libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, c.byref(prog), 0, 0),
+        "prctl PR_SET_SECCOMP",
+    )

@@ -14,7 +14,6 @@ stays. Recovery runs whenever the lock is next taken for a change, and from
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -38,7 +37,7 @@ from minifs.model import Info, Kind, Mount, State, Usage
 from minifs.plugins import get_driver
 from minifs.resources import owner_alive
 from minifs.state import StateDir
-from minifs.store import Store, disk_full, keep_reserve
+from minifs.store import Store, disk_full, is_full, keep_reserve
 
 TRANSIENT_LABEL = "minifs.transient"
 """A clone made and consumed inside one operation (e.g. unpacking an image
@@ -475,7 +474,7 @@ class Storage:
                 why = self._what_is_wrong(sid, present)
                 if why is not None:
                     raise self._damaged(sid, why) from None
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if is_full(exc):
                 raise disk_full(self.driver.home) from None
             raise exc
 

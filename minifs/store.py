@@ -126,7 +126,7 @@ class Store:
             raise
         except sqlite3.OperationalError as exc:
             self.db.close()
-            if _full(exc):
+            if is_full(exc):
                 raise disk_full(self.path.parent) from None
             # WAL needs to write its -shm file even to read: a read-only state dir
             # fails here, before anything else.
@@ -235,7 +235,7 @@ class Store:
                 self._attempt(body, durable)
                 return
             except (sqlite3.OperationalError, OSError) as exc:
-                if not _full(exc):
+                if not is_full(exc):
                     if isinstance(exc, OSError):
                         raise
                     raise StateDirError(f"the metadata store {self.path} failed: {exc}") from None
@@ -626,7 +626,9 @@ def _refuse_if_claimed(state: StateDir, how: str) -> None:
         )
 
 
-def _full(exc: BaseException) -> bool:
+def is_full(exc: BaseException) -> bool:
+    """Whether `exc` says a disk ran out of space or inodes (sqlite's own
+    word for it, or ENOSPC/EDQUOT)."""
     if isinstance(exc, sqlite3.OperationalError):
         return "full" in str(exc)
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
